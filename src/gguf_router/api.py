@@ -1,0 +1,135 @@
+"""The router's own endpoints, in llama.cpp router mode's shapes: health, props, model management."""
+
+from __future__ import annotations
+
+import json
+
+from sanic import Blueprint, Request
+from sanic.response import JSONResponse, json as json_response
+
+from . import __version__
+from .errors import RouterError, bad_request
+from .model import Model, ModelState
+
+bp = Blueprint("api")
+
+
+def add_routes(blueprint: Blueprint, handler, method: str, *paths: str) -> None:
+    """One handler on several paths; Sanic wants a distinct name for each route."""
+    for path in paths:
+        name = f"{method.lower()}{path}".replace("/", "_").replace("-", "_").replace("<", "").replace(">", "").replace(":", "_")
+        blueprint.add_route(handler, path, methods=[method], name=name)
+
+
+def json_body(request: Request) -> dict:
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    return body
+
+
+def model_field(body: dict) -> str:
+    name = body.get("model")
+    if name is None or name == "":
+        raise bad_request("model name is missing from the request")
+    if not isinstance(name, str):
+        raise bad_request("model must be a string")
+    return name
+
+
+def preset_text(model: Model) -> str:
+    lines = [f"[{model.id}]", f"model = {model.file.path}"]
+    if model.file.mmproj:
+        lines.append(f"mmproj = {model.file.mmproj}")
+    return "\n".join(lines) + "\n\n"
+
+
+def model_entry(model: Model) -> dict:
+    file = model.file
+    status: dict = {"value": model.state.value, "args": list(model.argv), "preset": preset_text(model)}
+    if file.error:
+        status.update(value="invalid", failed=True, error=file.error)
+    elif model.state is ModelState.LOADING and model.progress is not None:
+        status["progress"] = model.progress
+    elif model.state is ModelState.UNLOADED and model.last_exit and model.last_exit.failed:
+        last = model.last_exit
+        status.update(exit_code=last.code, failed=True, error=last.reason, log_tail=list(last.log_tail))
+    if model.state is ModelState.LOADED:
+        status["in_flight"] = model.in_flight
+    try:
+        created = int(file.path.stat().st_mtime)
+    except OSError:
+        created = 0
+    entry = {
+        "id": model.id,
+        "aliases": [],
+        "tags": [],
+        "object": "model",
+        "owned_by": "llamacpp",
+        "created": created,
+        "status": status,
+        "architecture": {"input_modalities": ["text", "image"] if file.mmproj else ["text"],
+                         "output_modalities": ["text"]},
+        "source": file.source,
+        "can_remove": False,
+        "gguf": file.info.as_json() if file.info else None,
+    }
+    if model.loaded_info:
+        # As llama.cpp does: the child's own description (its "meta") fills what is missing.
+        for key, value in model.loaded_info.items():
+            entry.setdefault(key, value)
+    return entry
+
+
+async def health(request: Request) -> JSONResponse:
+    return json_response({"status": "ok"})
+
+
+async def list_models(request: Request) -> JSONResponse:
+    router = request.app.ctx.router
+    if request.args.get("reload"):
+        await router.rescan()
+    models = sorted(router.scheduler.models.values(), key=lambda m: m.id)
+    return json_response({"data": [model_entry(m) for m in models], "object": "list"})
+
+
+async def load_model(request: Request) -> JSONResponse:
+    scheduler = request.app.ctx.router.scheduler
+    model_id = model_field(json_body(request))
+    if model_id not in scheduler.models:
+        raise RouterError(404, f"model '{model_id}' not found")
+    scheduler.load(model_id)
+    return json_response({"success": True})
+
+
+async def unload_model(request: Request) -> JSONResponse:
+    scheduler = request.app.ctx.router.scheduler
+    model_id = model_field(json_body(request))
+    if model_id not in scheduler.models:
+        raise RouterError(400, "model is not found")
+    scheduler.unload(model_id)
+    return json_response({"success": True})
+
+
+def router_props(request: Request) -> JSONResponse:
+    settings = request.app.ctx.router.settings
+    return json_response({
+        "role": "router",
+        "max_instances": settings.models_max,
+        "models_autoload": settings.models_autoload,
+        "model_alias": "llama-server",
+        "model_path": "none",
+        "default_generation_settings": {"params": None, "n_ctx": 0},
+        "ui_settings": {},
+        "build_info": f"gguf-router {__version__}",
+        "cors_proxy_enabled": False,
+    })
+
+
+add_routes(bp, health, "GET", "/health", "/v1/health")
+add_routes(bp, list_models, "GET", "/models", "/v1/models")
+add_routes(bp, load_model, "POST", "/models/load")
+add_routes(bp, unload_model, "POST", "/models/unload")

@@ -1,0 +1,99 @@
+"""The `gguf-router` command: llama-server's router flags; every other flag goes to each child."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from . import __version__
+from .settings import Settings
+
+USAGE = """\
+gguf-router [ROUTER OPTIONS] [LLAMA-SERVER OPTIONS...]
+       gguf-router demo-models DIR
+
+Routes OpenAI API requests, by their "model" field, to one llama-server per model.
+Options not listed here (-c 8192, --threads 4, -ngl 99, ...) are passed to every llama-server.
+Each option can also be set in the environment as GGUF_ROUTER_<NAME> (e.g. GGUF_ROUTER_MODELS_MAX=2).
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gguf-router", usage=USAGE, allow_abbrev=False,
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--version", action="version", version=f"gguf-router {__version__}")
+    p.add_argument("--models-dir", type=Path, help="folder of GGUF models (file x.gguf or folder x/ = model x)")
+    p.add_argument("--models-max", type=int, help="models loaded at once, least recently used unloaded first; 0 = no limit (default 4)")
+    p.add_argument("--no-models-autoload", dest="models_autoload", action="store_false",
+                   help="load models only through POST /models/load (or ?autoload=true)")
+    p.add_argument("--models-autoload", dest="models_autoload", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    p.add_argument("--api-key", dest="api_keys", action="append",
+                   help="require this key (Bearer or X-Api-Key) on every endpoint but /health; repeatable or comma-separated")
+    p.add_argument("--llama-server", type=Path, help="the llama-server binary the models run in")
+    p.add_argument("--stop-timeout", type=float, help="seconds a child gets to exit before it is killed (default 10)")
+    p.add_argument("--log-level", help="debug, info, warning or error (default info)")
+    return p
+
+
+def parse_settings(argv: list[str]) -> Settings:
+    args, child_args = parser().parse_known_args(argv)
+    given = vars(args)
+    if "api_keys" in given:
+        given["api_keys"] = ",".join(given["api_keys"])
+    if child_args:
+        given["child_args"] = tuple(child_args)
+    return Settings(**given)
+
+
+def setup_logging(settings: Settings) -> None:
+    stamp = "%(asctime)s " if settings.log_timestamps else ""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{stamp}%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
+    # Sanic's per-request and startup chatter would bury the events that matter.
+    logging.getLogger("sanic").setLevel(max(logging.WARNING, root.level))
+
+
+def fail(message: str) -> None:
+    print(f"gguf-router: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo-models"]:
+        from .tinymodels import write_demo_folder
+
+        if len(argv) != 2:
+            fail("usage: gguf-router demo-models DIR")
+        for path in write_demo_folder(Path(argv[1])):
+            print(path)
+        return
+    try:
+        settings = parse_settings(argv)
+    except ValidationError as exc:
+        fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()))
+    setup_logging(settings)
+    if not settings.llama_server.exists():
+        fail(f"no llama-server at {settings.llama_server}: build one with scripts/build-llama-server "
+             "or name yours with --llama-server PATH (or GGUF_ROUTER_LLAMA_SERVER)")
+    if settings.models_dir is not None and not settings.models_dir.is_dir():
+        fail(f"--models-dir {settings.models_dir} is not a folder")
+
+    from .app import create_app
+
+    app = create_app(settings)
+    logging.getLogger("gguf_router").info("listening on http://%s:%d", settings.host, settings.port)
+    app.run(host=settings.host, port=settings.port, single_process=True, access_log=False, motd=False)
+
+
+if __name__ == "__main__":
+    main()

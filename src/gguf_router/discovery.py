@@ -1,0 +1,162 @@
+"""Finds the models on disk, with llama.cpp's rules, as a snapshot of immutable `ModelFile`s.
+
+- models dir: a top-level `x.gguf` is model `x`; a subfolder `x/` is model `x`, its file the
+  `-00001-of-N` shard if sharded, with an `mmproj*.gguf` beside it passed as --mmproj.
+- Hugging Face hub cache (where `llama-server -hf` downloads): `models--USER--REPO/snapshots/REV/`
+  gives `USER/REPO:QUANT` for each first shard; a models-dir entry of the same id wins.
+Headers are read once per (path, size, mtime) and cached, so a rescan costs a stat per file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .ggufinfo import GGUFInfo, InvalidGGUF, read_info
+
+log = logging.getLogger(__name__)
+
+_DRAFT_PREFIXES = ("mtp-", "dspark-", "dflash-", "eagle3-")
+_SPLIT = re.compile(r"^(.+)-([0-9]{5})-of-([0-9]{5})$", re.IGNORECASE)
+_QUANT = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    id: str
+    path: Path
+    source: str  # "models_dir" or "cache", as llama.cpp names them
+    mmproj: Path | None = None
+    info: GGUFInfo | None = None
+    error: str | None = None  # why the file cannot be served; None when valid
+
+
+def _is_companion(name: str) -> bool:
+    return "mmproj" in name or name.startswith(_DRAFT_PREFIXES)
+
+
+def _gguf_files(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if e.name.endswith(".gguf") and e.is_file()), key=lambda e: e.name)
+    except OSError:
+        return []
+
+
+class Discovery:
+    def __init__(self, models_dir: Path | None, hf_cache: Path | None):
+        self.models_dir = models_dir
+        self.hf_cache = hf_cache
+        self._headers: dict[Path, tuple[tuple[int, int], GGUFInfo | None, str | None]] = {}
+        self._reported: set[tuple[Path, str]] = set()
+
+    def scan(self) -> dict[str, ModelFile]:
+        """Blocking (stat and header reads): run it in a thread from async code."""
+        found: dict[str, ModelFile] = {}
+        if self.hf_cache is not None:
+            for model_id, path, mmproj in self._scan_hf_cache(self.hf_cache):
+                found[model_id] = self._describe(model_id, path, "cache", mmproj)
+        if self.models_dir is not None:
+            for model_id, path, mmproj in self._scan_models_dir(self.models_dir):
+                found[model_id] = self._describe(model_id, path, "models_dir", mmproj)
+        live = {m.path for m in found.values()}
+        self._headers = {p: v for p, v in self._headers.items() if p in live}
+        return found
+
+    def _describe(self, model_id: str, path: Path, source: str, mmproj: Path | None) -> ModelFile:
+        try:
+            st = path.stat()
+            key = (st.st_size, st.st_mtime_ns)
+            cached = self._headers.get(path)
+            if cached is None or cached[0] != key:
+                try:
+                    info, error = read_info(path), None
+                except (InvalidGGUF, OSError) as exc:
+                    info, error = None, str(exc)
+                cached = self._headers[path] = (key, info, error)
+            _, info, error = cached
+        except OSError as exc:
+            info, error = None, str(exc)
+        if error and (path, error) not in self._reported:
+            self._reported.add((path, error))  # once per file and reason, not on every rescan
+            log.warning("model %s: %s is not a usable GGUF: %s", model_id, path, error)
+        return ModelFile(model_id, path, source, mmproj, info, error)
+
+    @staticmethod
+    def _scan_models_dir(root: Path):
+        try:
+            entries = sorted(os.scandir(root), key=lambda e: e.name)
+        except OSError as exc:
+            log.error("models dir %s cannot be read: %s", root, exc)
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir():
+                model = shard1 = mmproj = None
+                for f in _gguf_files(Path(entry.path)):
+                    if "mmproj" in f.name:
+                        mmproj = Path(f.path)
+                    elif f.name.startswith(_DRAFT_PREFIXES):
+                        continue
+                    elif "-00001-of-" in f.name:
+                        shard1 = Path(f.path)
+                    else:
+                        model = Path(f.path)
+                if shard1 or model:
+                    yield entry.name, shard1 or model, mmproj
+            elif entry.name.endswith(".gguf") and entry.is_file() and not _is_companion(entry.name):
+                yield entry.name[: -len(".gguf")], Path(entry.path), None
+
+    @staticmethod
+    def _scan_hf_cache(root: Path):
+        try:
+            repos = sorted(os.scandir(root), key=lambda e: e.name)
+        except OSError:
+            return
+        for repo in repos:
+            if not repo.name.startswith("models--") or not repo.is_dir():
+                continue
+            repo_id = repo.name[len("models--"):].replace("--", "/")
+            snapshot = _cached_snapshot(Path(repo.path))
+            if snapshot is None:
+                continue
+            files = sorted(p for p in snapshot.rglob("*.gguf") if p.is_file())
+            mmproj = next((p for p in files if "mmproj" in p.name), None)
+            seen = set()
+            for p in files:
+                stem = p.name[: -len(".gguf")]
+                split = _SPLIT.match(stem)
+                if split:
+                    if int(split.group(2)) != 1:
+                        continue
+                    stem = split.group(1)
+                quant = _QUANT.search(stem)
+                if not quant or _is_companion(p.name):
+                    continue
+                model_id = f"{repo_id}:{quant.group(1).upper()}"
+                if model_id not in seen:
+                    seen.add(model_id)
+                    yield model_id, p, mmproj
+
+
+def _cached_snapshot(repo: Path) -> Path | None:
+    """The snapshot refs/main points at (else any valid ref), as llama.cpp picks it."""
+    refs = repo / "refs"
+    commits = []
+    try:
+        for ref in sorted(refs.iterdir(), key=lambda r: r.name != "main"):
+            commit = ref.read_text().strip() if ref.is_file() else ""
+            if _COMMIT.match(commit):
+                commits.append(commit)
+    except OSError:
+        return None
+    for commit in commits:
+        snapshot = repo / "snapshots" / commit
+        if snapshot.is_dir():
+            return snapshot
+    return None

@@ -1,0 +1,34 @@
+"""One error type for everything a client can be told, rendered in the OpenAI error shape."""
+
+from __future__ import annotations
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    500: "server_error",
+    501: "not_supported_error",
+    502: "server_error",
+    503: "unavailable_error",
+}
+
+
+class RouterError(Exception):
+    def __init__(self, status: int, message: str, type_: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_ or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+    def body(self) -> dict:
+        # llama.cpp puts the HTTP status in "code"; clients of both see the same shape.
+        return {"error": {"message": self.message, "type": self.type, "code": self.status}}
+
+
+def bad_request(message: str) -> RouterError:
+    return RouterError(400, message)
+
+
+def model_not_found(model_id: str) -> RouterError:
+    return RouterError(400, f"model '{model_id}' not found")

@@ -1,0 +1,148 @@
+"""Runs each llama-server as a child process of the router.
+
+llama-server has a child mode for llama.cpp's own router (env LLAMA_SERVER_ROUTER_PORT): it
+writes `cmd_child_to_router:state:{json}` lines to stdout (loading progress, then ready with its
+model info), logs to stderr, and exits when its stdin reaches EOF. The ready line makes
+readiness an event instead of a polling interval; the stdin pipe plus PR_SET_PDEATHSIG mean a
+dead router, however it died, leaves no child behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+
+from . import Child, LaunchError, LaunchSpec, ProgressCallback
+
+log = logging.getLogger("gguf_router.child")
+
+STATE_PREFIX = b"cmd_child_to_router:state:"
+EXIT_COMMAND = b"cmd_router_to_child:exit\n"
+_PR_SET_PDEATHSIG = 1
+# Variables meant for the router alone: a child must not answer systemd in its name.
+_ROUTER_ONLY_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def _die_with_parent() -> None:
+    # Runs in the forked child before exec: the kernel kills it when the router's thread exits.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def child_environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _ROUTER_ONLY_ENV}
+    env["LLAMA_SERVER_ROUTER_PORT"] = "0"  # turns on the child protocol; the value is unused
+    return env
+
+
+class ProcessChild:
+    def __init__(self, spec: LaunchSpec, proc: asyncio.subprocess.Process):
+        self.spec = spec
+        self.proc = proc
+        self.socket = spec.socket
+        self.pid = proc.pid
+        self.info: dict = {}
+        self._tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._ready = asyncio.get_running_loop().create_future()
+        self._progress: ProgressCallback | None = None
+        self._readers = [
+            asyncio.create_task(self._read_states(proc.stdout)),
+            asyncio.create_task(self._read_logs(proc.stderr)),
+        ]
+        self._exit: asyncio.Task[int] = asyncio.create_task(self._wait_exit())
+
+    async def _read_states(self, stream: asyncio.StreamReader) -> None:
+        async for line in stream:
+            if not line.startswith(STATE_PREFIX):
+                self._log(line)
+                continue
+            try:
+                message = json.loads(line[len(STATE_PREFIX):])
+                state, payload = message.get("state"), message.get("payload") or {}
+            except (ValueError, AttributeError):
+                log.warning("%s: unreadable state line from llama-server: %r", self.spec.model_id, line[:200])
+                continue
+            if state == "loading" and self._progress and isinstance(payload.get("value"), (int, float)):
+                self._progress(float(payload["value"]))
+            elif state == "ready" and not self._ready.done():
+                self.info = payload if isinstance(payload, dict) else {}
+                self._ready.set_result(None)
+
+    async def _read_logs(self, stream: asyncio.StreamReader) -> None:
+        async for line in stream:
+            self._log(line)
+
+    def _log(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", errors="replace").rstrip()
+        if line:
+            self._tail.append(line)
+            log.info("%s: %s", self.spec.model_id, line)
+
+    async def _wait_exit(self) -> int:
+        code = await self.proc.wait()
+        # Drain what the child wrote last: it is usually the reason it exited.
+        await asyncio.wait(self._readers, timeout=1)
+        return code
+
+    async def ready(self, progress: ProgressCallback) -> None:
+        self._progress = progress
+        done, _ = await asyncio.wait({self._ready, self._exit}, return_when=asyncio.FIRST_COMPLETED)
+        if self._ready not in done:
+            code = self._exit.result()
+            raise LaunchError(f"llama-server exited with code {code} while loading", code, self.log_tail())
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exit)
+
+    async def stop(self, timeout: float) -> int:
+        if not self._exit.done():
+            with contextlib.suppress(OSError):
+                self.proc.stdin.write(EXIT_COMMAND)
+                self.proc.stdin.close()
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()  # a child still loading does not read stdin yet
+            try:
+                await asyncio.wait_for(asyncio.shield(self._exit), timeout)
+            except asyncio.TimeoutError:
+                log.warning("%s: did not exit within %.0f s, killing it", self.spec.model_id, timeout)
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.kill()
+        return await asyncio.shield(self._exit)
+
+    def log_tail(self) -> tuple[str, ...]:
+        return tuple(self._tail)
+
+
+class ProcessLauncher:
+    async def start(self, spec: LaunchSpec, progress: ProgressCallback) -> Child:
+        with contextlib.suppress(FileNotFoundError):
+            spec.socket.unlink()  # left by a child that was killed
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *spec.argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=child_environment(),
+                # Own process group: a Ctrl-C in the router's terminal reaches the router only,
+                # which then stops the children in order.
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+                limit=1 << 20,  # llama-server's ready line carries its model info
+            )
+        except OSError as exc:
+            raise LaunchError(f"cannot run {spec.argv[0]}: {exc.strerror or exc}") from exc
+        log.info("%s: started llama-server pid %d", spec.model_id, proc.pid)
+        child = ProcessChild(spec, proc)
+        try:
+            await child.ready(progress)
+        except BaseException:
+            await child.stop(timeout=0)
+            raise
+        return child

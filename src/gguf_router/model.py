@@ -1,0 +1,93 @@
+"""A model's runtime state: one explicit state machine, written only through `set_state`."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from dataclasses import dataclass, field
+
+from .discovery import ModelFile
+from .launchers import Child
+
+log = logging.getLogger("gguf_router.model")
+
+
+class ModelState(enum.Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+
+
+S = ModelState
+TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
+    S.UNLOADED: frozenset({S.LOADING}),
+    S.LOADING: frozenset({S.LOADED, S.UNLOADING, S.UNLOADED}),  # UNLOADED: failed to start
+    S.LOADED: frozenset({S.UNLOADING, S.UNLOADED}),  # UNLOADED: the child died on its own
+    S.UNLOADING: frozenset({S.UNLOADED}),
+}
+# States that hold one of the --models-max slots: a stopping child still holds its memory.
+HOLDS_SLOT = frozenset({S.LOADING, S.LOADED, S.UNLOADING})
+
+
+class InvalidTransition(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How the last child of a model ended."""
+
+    code: int | None
+    reason: str  # "unloaded", "evicted", "crashed", "failed to start"
+    failed: bool
+    log_tail: tuple[str, ...] = ()
+    at: float = field(default_factory=time.time)
+
+
+class Model:
+    def __init__(self, file: ModelFile, argv: tuple[str, ...]):
+        self.file = file
+        self.argv = argv
+        self.state = S.UNLOADED
+        self.child: Child | None = None
+        self.last_exit: Exit | None = None
+        self.loaded_info: dict | None = None  # the child's own /v1/models entry, sent when ready
+        self.progress: float | None = None
+        self.in_flight = 0  # requests being served: never evicted while > 0
+        self.waiters = 0  # requests waiting for it to load: not evicted either
+        self.last_used = 0.0
+        # Resolved when the pending load ends, so every request waiting for it shares one load.
+        self.pending: asyncio.Future | None = None
+        self.pinned = False  # an explicit /models/load keeps its queue entry with no one waiting
+        self.generation = 0  # counts launches, so each child gets its own connection pool
+        self.stop_reason: str | None = None
+        self.runner: asyncio.Task | None = None
+        self._changed: asyncio.Future | None = None
+
+    @property
+    def id(self) -> str:
+        return self.file.id
+
+    @property
+    def idle(self) -> bool:
+        return self.state is S.LOADED and self.in_flight == 0 and self.waiters == 0
+
+    def set_state(self, new: ModelState, detail: str = "") -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise InvalidTransition(f"model {self.id}: {self.state.value} -> {new.value}")
+        log.info("model %s: %s -> %s%s", self.id, self.state.value, new.value, f" ({detail})" if detail else "")
+        self.state = new
+        if new is not S.LOADING:
+            self.progress = None
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(new)
+        self._changed = None
+
+    async def changed(self) -> None:
+        """Returns after the next state change."""
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._changed)

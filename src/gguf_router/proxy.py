@@ -1,0 +1,88 @@
+"""Forwards a request to a model's child over its unix socket, and streams the answer back.
+
+One aiohttp session serves every child: `ChildConnector` turns the URL's host, which names the
+child (socket stem and launch generation), into a unix socket connection, so each child gets
+its own keep-alive pool and a restarted child never inherits its predecessor's dead connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import aiohttp
+from aiohttp.client_exceptions import UnixClientConnectorError
+from sanic import Request
+from sanic.response import HTTPResponse
+
+from .errors import RouterError
+from .model import Model
+
+log = logging.getLogger(__name__)
+
+# Hop-by-hop headers, and those the router must not pass on (its own key, the framing).
+_DROP_REQUEST = frozenset({"host", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
+                           "proxy-authorization", "proxy-connection", "content-length", "authorization",
+                           "x-api-key", "expect"})
+_DROP_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length",
+                            "content-encoding", "server", "date"})
+
+
+class ChildConnector(aiohttp.BaseConnector):
+    def __init__(self, runtime_dir: Path):
+        super().__init__(limit=0, keepalive_timeout=30)
+        self.runtime_dir = runtime_dir
+
+    async def _create_connection(self, req, traces, timeout):
+        # Same as aiohttp's UnixConnector, with the path taken from the request's host.
+        path = str(self.runtime_dir / f"{req.host.split('.', 1)[0]}.sock")
+        try:
+            _, proto = await self._loop.create_unix_connection(self._factory, path)
+        except OSError as exc:
+            raise UnixClientConnectorError(path, req.connection_key, exc) from exc
+        return proto
+
+
+def child_url(model: Model, path: str, query: str) -> str:
+    host = f"{model.child.socket.stem}.{model.generation}"
+    return f"http://{host}{path}" + (f"?{query}" if query else "")
+
+
+def _stream_error(model: Model, exc: BaseException) -> bytes:
+    error = RouterError(502, f"model '{model.id}' stopped answering mid-stream: {exc or type(exc).__name__}")
+    return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
+
+
+async def forward(request: Request, session: aiohttp.ClientSession, model: Model) -> HTTPResponse | None:
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
+    url = child_url(model, request.path, request.query_string)
+    try:
+        upstream = await session.request(request.method, url, data=request.body or None, headers=headers)
+    except aiohttp.ClientError as exc:
+        raise RouterError(502, f"model '{model.id}' did not answer: {exc}") from exc
+    try:
+        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
+        if not upstream.content_type.startswith("text/event-stream"):
+            try:
+                body = await upstream.read()
+            except aiohttp.ClientError as exc:
+                raise RouterError(502, f"model '{model.id}' failed while answering: {exc}") from exc
+            return HTTPResponse(body, status=upstream.status, headers=out_headers)
+        response = await request.respond(status=upstream.status, headers=out_headers)
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.send(chunk)
+        except aiohttp.ClientError as exc:
+            # Headers are gone already: end the stream with an error event and without [DONE].
+            log.warning("model %s: stream broken: %s", model.id, exc)
+            await response.send(_stream_error(model, exc))
+        await response.eof()
+        return None
+    except asyncio.CancelledError:
+        # The client went away: closing the connection tells llama-server to stop generating.
+        upstream.close()
+        raise
+    finally:
+        upstream.release()

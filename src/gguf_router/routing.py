@@ -1,0 +1,78 @@
+"""The endpoints served by a model: find the model a request names, get it loaded, forward."""
+
+from __future__ import annotations
+
+from sanic import Blueprint, Request
+
+from .api import add_routes, json_body, model_field, router_props
+from .errors import bad_request
+from .proxy import forward
+
+bp = Blueprint("routing")
+
+# Every endpoint llama.cpp's router forwards, by the model named in the JSON body.
+POST_BY_BODY = (
+    "/completion", "/completions", "/v1/completions",
+    "/chat/completions", "/v1/chat/completions", "/v1/chat/completions/control",
+    "/chat/completions/input_tokens", "/v1/chat/completions/input_tokens",
+    "/responses", "/v1/responses", "/responses/input_tokens", "/v1/responses/input_tokens",
+    "/v1/messages", "/v1/messages/count_tokens",
+    "/audio/transcriptions", "/v1/audio/transcriptions",
+    "/infill", "/embedding", "/embeddings", "/v1/embeddings",
+    "/rerank", "/reranking", "/v1/rerank", "/v1/reranking",
+    "/tokenize", "/detokenize", "/apply-template", "/props", "/lora-adapters",
+)
+# And those that name it in the query string.
+GET_BY_QUERY = ("/slots", "/metrics", "/lora-adapters")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def autoload(request: Request) -> bool:
+    value = request.args.get("autoload")
+    if value is None:
+        return request.app.ctx.router.settings.models_autoload
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise bad_request(f"autoload must be true or false, not {value!r}")
+
+
+def body_model(request: Request) -> str:
+    if request.content_type.startswith("multipart/form-data"):
+        return model_field({"model": (request.form or {}).get("model")})
+    return model_field(json_body(request))
+
+
+def query_model(request: Request) -> str:
+    return model_field({"model": request.args.get("model")})
+
+
+async def serve(request: Request, model_id: str):
+    router = request.app.ctx.router
+    model = await router.scheduler.acquire(model_id, autoload(request))
+    try:
+        return await forward(request, router.session, model)
+    finally:
+        router.scheduler.release(model)
+
+
+async def post_by_body(request: Request):
+    return await serve(request, body_model(request))
+
+
+async def get_by_query(request: Request):
+    return await serve(request, query_model(request))
+
+
+async def props(request: Request):
+    if not request.args.get("model"):
+        return router_props(request)
+    return await serve(request, query_model(request))
+
+
+add_routes(bp, post_by_body, "POST", *POST_BY_BODY, "/slots/<slot_id:int>")
+add_routes(bp, get_by_query, "GET", *GET_BY_QUERY)
+add_routes(bp, props, "GET", "/props")

@@ -1,0 +1,241 @@
+"""Decides which models run: loads on demand, queues for a free slot, evicts the least recently used.
+
+Rules, as llama.cpp's router has them, minus its races:
+- at most `models_max` models hold a slot (loading, loaded or stopping); 0 means no limit;
+- a model that is serving or has requests waiting for it is never evicted;
+- models waiting for a slot queue FIFO; all requests for one model share one queue entry, one
+  load and one eviction; a queue entry whose last request left is dropped, so it costs no one
+  a slot;
+- the capacity check and the eviction happen in one step (`_pump`), which runs on the event
+  loop without awaiting, so no other decision can interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Callable
+
+from .discovery import ModelFile
+from .errors import RouterError, model_not_found
+from .launchers import LaunchError, Launcher, LaunchSpec
+from .model import HOLDS_SLOT, Exit, Model, ModelState
+
+log = logging.getLogger(__name__)
+S = ModelState
+
+ArgvBuilder = Callable[[ModelFile, Path], tuple[str, ...]]
+
+
+class Scheduler:
+    def __init__(self, launcher: Launcher, argv_for: ArgvBuilder, runtime_dir: Path,
+                 models_max: int, stop_timeout: float):
+        self.launcher = launcher
+        self.argv_for = argv_for
+        self.runtime_dir = runtime_dir
+        self.models_max = models_max
+        self.stop_timeout = stop_timeout
+        self.models: dict[str, Model] = {}
+        self._queue: dict[str, Model] = {}  # insertion order is arrival order
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
+
+    # -- what the API reads ---------------------------------------------------------------
+
+    def get(self, model_id: str) -> Model:
+        model = self.models.get(model_id)
+        if model is None:
+            raise model_not_found(model_id)
+        return model
+
+    def socket_for(self, model_id: str) -> Path:
+        # Short and fixed per model: sun_path holds 108 bytes, and ids may hold '/' and ':'.
+        return self.runtime_dir / f"{hashlib.sha1(model_id.encode()).hexdigest()[:16]}.sock"
+
+    # -- the model list -------------------------------------------------------------------
+
+    def set_files(self, files: dict[str, ModelFile]) -> None:
+        for model_id, file in files.items():
+            model = self.models.get(model_id)
+            argv = self.argv_for(file, self.socket_for(model_id))
+            if model is None:
+                self.models[model_id] = Model(file, argv)
+            else:
+                model.file, model.argv = file, argv
+
+    # -- serving --------------------------------------------------------------------------
+
+    async def acquire(self, model_id: str, autoload: bool) -> Model:
+        """Returns the model loaded, counted as serving until `release`."""
+        model = self.get(model_id)
+        while True:
+            if model.state is S.LOADED:
+                model.in_flight += 1
+                model.last_used = time.monotonic()
+                return model
+            if model.state is S.UNLOADING:
+                await model.changed()
+                continue
+            if model.pending is None:
+                if not autoload:
+                    raise RouterError(400, "model is not loaded")
+                self._enqueue(model)
+            model.waiters += 1
+            try:
+                await asyncio.shield(model.pending)
+            finally:
+                model.waiters -= 1
+                if model.waiters == 0 and not model.pinned and self._queue.get(model.id) is model:
+                    self._dequeue(model, "every request waiting for it left")
+
+    def release(self, model: Model) -> None:
+        model.in_flight -= 1
+        model.last_used = time.monotonic()
+        if model.in_flight == 0:
+            self._pump()
+
+    def load(self, model_id: str) -> None:
+        """An explicit load: queued like a request, but kept queued with no one waiting."""
+        model = self.get(model_id)
+        if model.state in HOLDS_SLOT and model.state is not S.UNLOADING:
+            raise RouterError(400, "model is already running")
+        model.pinned = True
+        if model.pending is None:
+            self._enqueue(model)
+
+    def unload(self, model_id: str) -> None:
+        model = self.get(model_id)
+        if self._queue.get(model.id) is model:
+            self._dequeue(model, "unloaded before it got a slot")
+            return
+        if model.state not in (S.LOADING, S.LOADED):
+            raise RouterError(400, "model is not running")
+        self._stop(model, "unloaded")
+
+    async def close(self) -> None:
+        """Stops every child; used at shutdown."""
+        self._closing = True
+        for model in list(self._queue.values()):
+            self._dequeue(model, "the router is stopping")
+        for model in self.models.values():
+            if model.state in (S.LOADING, S.LOADED):
+                self._stop(model, "unloaded")
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=self.stop_timeout + 5)
+
+    # -- decisions ------------------------------------------------------------------------
+
+    def _enqueue(self, model: Model) -> None:
+        model.pending = asyncio.get_running_loop().create_future()
+        self._queue[model.id] = model
+        log.info("model %s: queued for a slot (%d in queue)", model.id, len(self._queue))
+        self._pump()
+
+    def _dequeue(self, model: Model, why: str) -> None:
+        del self._queue[model.id]
+        model.pinned = False
+        log.info("model %s: left the queue: %s", model.id, why)
+        self._settle(model, RouterError(503, f"model '{model.id}' was not loaded: {why}"))
+
+    def _settle(self, model: Model, error: Exception | None = None) -> None:
+        pending, model.pending = model.pending, None
+        if pending is not None and not pending.done():
+            if error is None:
+                pending.set_result(None)
+            else:
+                pending.set_exception(error)
+                pending.exception()  # retrieved here: a load with no one left waiting is no error
+
+    def _has_free_slot(self) -> bool:
+        if self.models_max == 0:
+            return True
+        return sum(m.state in HOLDS_SLOT for m in self.models.values()) < self.models_max
+
+    def _pump(self) -> None:
+        """Gives free slots to the queue in order, evicting idle models for the rest."""
+        if self._closing:
+            return
+        while self._has_free_slot():
+            # A model explicitly loaded while it was stopping waits for its old child to exit.
+            model = next((m for m in self._queue.values() if m.state is S.UNLOADED), None)
+            if model is None:
+                break
+            del self._queue[model.id]
+            model.pinned = False
+            self._start(model)
+        # Each model already stopping frees a slot for one queue entry; evict for the others.
+        freeing = sum(m.state is S.UNLOADING for m in self.models.values())
+        for _ in range(len(self._queue) - freeing):
+            victims = [m for m in self.models.values() if m.idle]
+            if not victims:
+                return
+            self._stop(min(victims, key=lambda m: m.last_used), "evicted")
+
+    # -- effects --------------------------------------------------------------------------
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _start(self, model: Model) -> None:
+        model.set_state(S.LOADING)
+        model.generation += 1
+        model.stop_reason = None
+        model.runner = self._spawn(self._run(model))
+
+    def _stop(self, model: Model, reason: str) -> None:
+        model.stop_reason = reason
+        was = model.state
+        model.set_state(S.UNLOADING, reason)
+        if was is S.LOADING:
+            model.runner.cancel()  # kills the child that is still loading
+        elif model.child is not None:
+            self._spawn(model.child.stop(self.stop_timeout))
+
+    def _on_progress(self, model: Model) -> Callable[[float], None]:
+        def progress(value: float) -> None:
+            if model.state is S.LOADING:
+                model.progress = value
+        return progress
+
+    async def _run(self, model: Model) -> None:
+        """One child's life: start, serve until it exits, record how it ended."""
+        spec = LaunchSpec(model.id, model.argv, self.socket_for(model.id), self.stop_timeout)
+        started = time.monotonic()
+        try:
+            child = await self.launcher.start(spec, self._on_progress(model))
+        except asyncio.CancelledError:
+            self._ended(model, Exit(None, model.stop_reason or "unloaded", failed=False))
+            return
+        except LaunchError as exc:
+            self._ended(model, Exit(exc.exit_code, "failed to start", True, exc.log_tail),
+                        RouterError(503, f"model '{model.id}' failed to load: {exc}{_last_line(exc.log_tail)}"))
+            return
+        model.child = child
+        model.loaded_info = child.info
+        model.set_state(S.LOADED, f"ready in {time.monotonic() - started:.3f} s, pid {child.pid}")
+        model.last_used = time.monotonic()
+        self._settle(model)
+        code = await child.wait()
+        if model.state is S.UNLOADING:
+            self._ended(model, Exit(code, model.stop_reason, failed=False))
+        else:
+            log.error("model %s: llama-server exited unexpectedly with code %s", model.id, code)
+            self._ended(model, Exit(code, "crashed", True, child.log_tail()))
+
+    def _ended(self, model: Model, exit: Exit, error: RouterError | None = None) -> None:
+        model.child = None
+        model.loaded_info = None
+        model.last_exit = exit
+        model.set_state(S.UNLOADED, f"{exit.reason}, exit code {exit.code}")
+        self._settle(model, error or RouterError(503, f"model '{model.id}' was unloaded while loading"))
+        self._pump()
+
+
+def _last_line(tail: tuple[str, ...]) -> str:
+    return f" (last log line: {tail[-1]})" if tail else ""
