@@ -74,6 +74,9 @@ class OpenAIErrorHandler(ErrorHandler):
     """Every error, ours or Sanic's, leaves in the OpenAI shape."""
 
     def default(self, request: Request, exception: Exception):
+        if isinstance(exception, asyncio.CancelledError):
+            # The client left mid-request (its model was told to stop): nobody reads this.
+            return json_response(RouterError(499, "client closed the request").body(), status=499)
         if isinstance(exception, RouterError):
             error = exception
         elif isinstance(exception, SanicException):
@@ -109,6 +112,10 @@ def create_app(settings: Settings) -> Sanic:
     @app.before_server_start
     async def start(app: Sanic) -> None:
         await app.ctx.router.start()
+
+    @app.after_server_start
+    async def started(app: Sanic) -> None:
+        log.info("listening on http://%s:%d", settings.host, settings.port)
 
     @app.before_server_stop
     async def stop(app: Sanic) -> None:

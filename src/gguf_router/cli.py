@@ -91,7 +91,6 @@ def main(argv: list[str] | None = None) -> None:
     from .app import create_app
 
     app = create_app(settings)
-    logging.getLogger("gguf_router").info("listening on http://%s:%d", settings.host, settings.port)
     app.run(host=settings.host, port=settings.port, single_process=True, access_log=False, motd=False)
 
 

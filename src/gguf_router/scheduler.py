@@ -51,6 +51,12 @@ class Scheduler:
             raise model_not_found(model_id)
         return model
 
+    def loadable(self, model_id: str) -> Model:
+        model = self.get(model_id)
+        if model.file.error:
+            raise RouterError(400, f"model '{model_id}' is not a usable GGUF: {model.file.error}")
+        return model
+
     def socket_for(self, model_id: str) -> Path:
         # Short and fixed per model: sun_path holds 108 bytes, and ids may hold '/' and ':'.
         return self.runtime_dir / f"{hashlib.sha1(model_id.encode()).hexdigest()[:16]}.sock"
@@ -70,7 +76,7 @@ class Scheduler:
 
     async def acquire(self, model_id: str, autoload: bool) -> Model:
         """Returns the model loaded, counted as serving until `release`."""
-        model = self.get(model_id)
+        model = self.loadable(model_id)
         while True:
             if model.state is S.LOADED:
                 model.in_flight += 1
@@ -99,7 +105,7 @@ class Scheduler:
 
     def load(self, model_id: str) -> None:
         """An explicit load: queued like a request, but kept queued with no one waiting."""
-        model = self.get(model_id)
+        model = self.loadable(model_id)
         if model.state in HOLDS_SLOT and model.state is not S.UNLOADING:
             raise RouterError(400, "model is already running")
         model.pinned = True

@@ -1,0 +1,147 @@
+"""Fixtures: tiny real GGUF models written here, and real routers with real llama-server children."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from gguf_router.settings import BUILT_LLAMA_SERVER
+from gguf_router.tinymodels import write_tiny_model
+
+# A context this long lets one request keep a model busy for seconds (see long_completion).
+TINY_CONTEXT = 16384
+
+
+@pytest.fixture(scope="session")
+def llama_server() -> Path:
+    path = Path(os.environ.get("GGUF_ROUTER_LLAMA_SERVER") or BUILT_LLAMA_SERVER)
+    if not path.exists():
+        pytest.fail(f"no llama-server at {path}: run the tests through `scripts/dev test`, which builds it")
+    return path
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    for seed, name in enumerate(("tiny-a", "tiny-b", "tiny-c")):
+        write_tiny_model(folder / f"{name}.gguf", seed=seed, context_length=TINY_CONTEXT)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RouterProcess:
+    """A gguf-router started as users start it, on a free loopback port."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gguf_router", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+        self.http = httpx.Client(base_url=self.url, timeout=60)
+        self._wait_healthy()
+
+    def _wait_healthy(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"router exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if self.http.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"router not healthy after {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def models(self) -> dict[str, dict]:
+        return {m["id"]: m for m in self.http.get("/models").json()["data"]}
+
+    def state(self, model_id: str) -> str:
+        return self.models()[model_id]["status"]["value"]
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return [p for p in psutil.Process(self.proc.pid).children(recursive=True) if "llama-server" in p.name()]
+        except psutil.NoSuchProcess:
+            return []
+
+    def child_pid(self, model_id: str) -> int:
+        for p in self.children():
+            if model_id in p.cmdline():
+                return p.pid
+        raise AssertionError(f"no llama-server for {model_id}")
+
+    def wait_for(self, predicate, timeout: float = 30, what: str = "condition"):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = predicate()
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; router log:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.http.close()
+        self._log.close()
+
+
+@pytest.fixture
+def start_router(llama_server, models_dir, tmp_path):
+    routers: list[RouterProcess] = []
+
+    def start(*args: str, models: Path | None = None, env: dict | None = None) -> RouterProcess:
+        router = RouterProcess(
+            ["--models-dir", str(models or models_dir), "--llama-server", str(llama_server), *args],
+            tmp_path / f"router{len(routers)}.log", env,
+        )
+        routers.append(router)
+        return router
+
+    yield start
+    for router in routers:
+        router.stop()
+
+
+@pytest.fixture
+def router(start_router) -> RouterProcess:
+    return start_router("--models-max", "2")
+
+
+def chat(model: str, content: str = "hi", **extra) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 8, **extra}
+
+
+# Keeps a child busy for seconds (3 to 6 here) on a tiny model started with `-c 8192 -np 1`.
+def long_completion(model: str, **extra) -> dict:
+    return {"model": model, "prompt": "go", "n_predict": 4000, "ignore_eos": True, **extra}
+
+
+BUSY_ARGS = ("-c", "8192", "-np", "1")

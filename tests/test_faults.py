@@ -1,0 +1,115 @@
+"""Children that die, files that are not models, a router that is killed."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import gguf
+import httpx
+import psutil
+
+from conftest import BUSY_ARGS, RouterProcess, chat, long_completion
+
+
+def kill_child(router, model_id):
+    os.kill(router.child_pid(model_id), signal.SIGKILL)
+
+
+def test_child_killed_mid_stream_ends_the_stream_with_an_error_and_restarts_next_time(start_router):
+    r = start_router(*BUSY_ARGS)
+    assert r.http.post("/v1/chat/completions", json=chat("tiny-b")).status_code == 200
+    with r.http.stream("POST", "/completion", json=long_completion("tiny-a", stream=True)) as reply:
+        assert reply.status_code == 200
+        lines = reply.iter_lines()
+        assert next(lines).startswith("data: ")
+        kill_child(r, "tiny-a")
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert "data: [DONE]" not in rest
+    error = json.loads(rest[-1][6:])["error"]
+    assert error["code"] == 502 and "tiny-a" in error["message"]
+    r.wait_for(lambda: r.models()["tiny-a"]["status"].get("failed"), what="tiny-a marked failed")
+    status = r.models()["tiny-a"]["status"]
+    assert status["value"] == "unloaded" and status["exit_code"] == -signal.SIGKILL
+    assert status["error"] == "crashed" and status["log_tail"]
+    # the other model never noticed; the crashed one comes back on the next request
+    assert r.state("tiny-b") == "loaded"
+    assert r.http.post("/v1/chat/completions", json=chat("tiny-b")).status_code == 200
+    assert r.http.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
+    assert "failed" not in r.models()["tiny-a"]["status"]
+
+
+def test_child_killed_before_answering_gives_a_json_502(start_router):
+    r = start_router(*BUSY_ARGS)
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(r.http.post, "/completion", json=long_completion("tiny-a"))
+        r.wait_for(lambda: r.models()["tiny-a"]["status"].get("in_flight") == 1, what="tiny-a busy")
+        kill_child(r, "tiny-a")
+        answer = reply.result()
+    assert answer.status_code == 502
+    assert answer.json()["error"]["type"] == "server_error" and "tiny-a" in answer.json()["error"]["message"]
+
+
+def test_invalid_files_are_listed_not_served_and_harm_nothing(start_router, models_dir, tmp_path):
+    folder = tmp_path / "models"
+    shutil.copytree(models_dir, folder)
+    (folder / "garbage.gguf").write_bytes(b"\x00" * 4096)
+    good = (folder / "tiny-a.gguf").read_bytes()
+    (folder / "half.gguf").write_bytes(good[: len(good) // 2])
+    r = start_router(models=folder)
+    models = r.models()
+    assert models["garbage"]["status"]["value"] == "invalid"
+    assert "bad magic" in models["garbage"]["status"]["error"]
+    assert "truncated" in models["half"]["status"]["error"]
+    for name in ("garbage", "half"):
+        refused = r.http.post("/v1/chat/completions", json=chat(name))
+        assert refused.status_code == 400 and "not a usable GGUF" in refused.json()["error"]["message"]
+    assert r.children() == []
+    assert r.http.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
+    assert r.log().count("half.gguf is not a usable GGUF") == 1
+
+
+def test_a_model_llama_server_cannot_load_fails_with_the_reason(start_router, models_dir, tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    w = gguf.GGUFWriter(str(folder / "alien.gguf"), "no-such-architecture")
+    w.add_tensor("x", __import__("numpy").ones(4, dtype="float32"))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    shutil.copy(models_dir / "tiny-a.gguf", folder)
+    r = start_router(models=folder)
+    refused = r.http.post("/v1/chat/completions", json=chat("alien"))
+    assert refused.status_code == 503
+    assert "failed to load" in refused.json()["error"]["message"]
+    status = r.models()["alien"]["status"]
+    assert status["failed"] and status["error"] == "failed to start" and status["exit_code"] == 1
+    assert r.http.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
+
+
+def test_no_llama_server_outlives_a_killed_router(llama_server, models_dir, tmp_path):
+    r = RouterProcess(["--models-dir", str(models_dir), "--llama-server", str(llama_server)], tmp_path / "r.log")
+    for model in ("tiny-a", "tiny-b"):
+        assert r.http.post("/v1/chat/completions", json=chat(model)).status_code == 200
+    children = r.children()
+    assert len(children) == 2
+    r.proc.kill()
+    r.proc.wait()
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert alive == []
+    r.stop()
+
+
+def test_a_stopped_router_stops_its_children_cleanly(router):
+    for model in ("tiny-a", "tiny-b"):
+        router.http.post("/v1/chat/completions", json=chat(model))
+    children = router.children()
+    router.stop()
+    assert router.proc.returncode == 0
+    assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in children)
+    assert router.log().count("unloading -> unloaded (unloaded, exit code 0)") == 2
