@@ -16,9 +16,11 @@ from . import api, routing
 from .discovery import Discovery, ModelFile
 from .errors import RouterError
 from .launchers import create_launcher
+from .model import ModelState
 from .proxy import ChildConnector
 from .scheduler import Scheduler
 from .settings import Settings
+from .systemd import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,28 @@ class Router:
         self.scheduler = Scheduler(create_launcher("process"), child_argv(settings), settings.runtime_dir,
                                    settings.models_max, settings.stop_timeout)
         self.session: aiohttp.ClientSession | None = None
+        self.notifier = Notifier()
+
+    def status_line(self) -> str:
+        """What `systemctl status` shows, e.g. "2/4 models loaded: qwen (serving), llama3 (idle)"."""
+        running = [m for m in self.scheduler.models.values() if m.state is not ModelState.UNLOADED]
+        limit = self.settings.models_max or "unlimited"
+        loaded = sum(m.state is ModelState.LOADED for m in running)
+        parts = []
+        for m in sorted(running, key=lambda m: m.id):
+            what = m.state.value if m.state is not ModelState.LOADED else ("serving" if m.in_flight else "idle")
+            parts.append(f"{m.id} ({what})")
+        return f"{loaded}/{limit} models loaded" + (": " + ", ".join(parts) if parts else "")
+
+    async def report(self) -> None:
+        """Keeps systemd's STATUS= current and pets its watchdog, from the event loop itself,
+        so a loop that hangs stops both."""
+        interval = min(self.notifier.watchdog_interval or 1.0, 1.0)
+        while True:
+            self.notifier.status(self.status_line())
+            if self.notifier.watchdog_interval:
+                self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
 
     async def rescan(self) -> None:
         files = await asyncio.to_thread(self.discovery.scan)
@@ -65,6 +89,7 @@ class Router:
                  f" and the Hugging Face cache {self.settings.hf_cache}" if self.settings.hf_cache else "")
 
     async def stop(self) -> None:
+        self.notifier.notify("STOPPING=1")
         await self.scheduler.close()
         if self.session is not None:
             await self.session.close()
@@ -115,7 +140,9 @@ def create_app(settings: Settings) -> Sanic:
 
     @app.after_server_start
     async def started(app: Sanic) -> None:
-        log.info("listening on http://%s:%d", settings.host, settings.port)
+        router = app.ctx.router
+        router.notifier.notify("READY=1", f"STATUS={router.status_line()}")
+        app.add_task(router.report(), name="systemd-report")
 
     @app.before_server_stop
     async def stop(app: Sanic) -> None:

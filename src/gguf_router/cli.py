@@ -90,8 +90,20 @@ def main(argv: list[str] | None = None) -> None:
 
     from .app import create_app
 
+    from .systemd import listen_sockets
+
+    log = logging.getLogger("gguf_router")
+    sockets = listen_sockets()
     app = create_app(settings)
-    app.run(host=settings.host, port=settings.port, single_process=True, access_log=False, motd=False)
+    run = dict(single_process=True, access_log=False, motd=False)
+    if sockets:
+        if len(sockets) > 1:
+            log.warning("systemd passed %d sockets; serving the first, %s", len(sockets), sockets[0].getsockname())
+        log.info("listening on %s (socket activation)", sockets[0].getsockname())
+        app.run(sock=sockets[0], **run)
+    else:
+        log.info("listening on http://%s:%d", settings.host, settings.port)
+        app.run(host=settings.host, port=settings.port, **run)
 
 
 if __name__ == "__main__":
