@@ -24,7 +24,8 @@ def test_streams(client):
         model="tiny-c", messages=[{"role": "user", "content": "hi"}], max_tokens=6, stream=True)
     chunks = list(stream)
     assert chunks[-1].choices[0].finish_reason == "length"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks)
+    # Random weights may pick tokens that print nothing, so count chunks, not text.
+    assert len(chunks) >= 2 and {c.model for c in chunks} == {"tiny-c"} and len({c.id for c in chunks}) == 1
 
 
 def test_errors_arrive_as_openai_exceptions(client):
