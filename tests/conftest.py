@@ -136,7 +136,9 @@ def router(start_router) -> RouterProcess:
 
 
 def chat(model: str, content: str = "hi", **extra) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 8, **extra}
+    # ignore_eos: random weights may otherwise end a reply early, and tests count tokens.
+    return {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
+            "ignore_eos": True, **extra}
 
 
 # Keeps a child busy for seconds (3 to 6 here) on a tiny model started with `-c 8192 -np 1`.
