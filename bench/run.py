@@ -1,0 +1,275 @@
+"""Benchmarks gguf-router against a direct llama-server and llama.cpp's own router, in one run.
+
+Same machine, same tiny models, same llama-server binary; scenarios interleave the three targets
+round by round so machine drift hits all alike. Prints one table and writes results/latest.json
+and results/latest.png. Run it with `scripts/dev bench`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+from gguf_router.settings import BUILT_LLAMA_SERVER
+from gguf_router.tinymodels import write_tiny_model
+
+ROUNDS = 3
+RESULTS = Path(__file__).parent / "results"
+LLAMA = Path(os.environ.get("GGUF_ROUTER_LLAMA_SERVER") or BUILT_LLAMA_SERVER)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Target:
+    def __init__(self, name: str, argv: list[str], port: int):
+        self.name, self.port = name, port
+        self.url = f"http://127.0.0.1:{port}"
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def ready(self, session: aiohttp.ClientSession, path: str = "/health") -> float:
+        while True:
+            try:
+                async with session.get(self.url + path) as r:
+                    if r.status == 200:
+                        return time.perf_counter() - self.started
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.001)
+
+    def rss_mb(self) -> float:
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def direct(models: Path) -> Target:
+    port = free_port()
+    return Target("direct", [str(LLAMA), "-m", str(models / "tiny-a.gguf"), "--alias", "tiny-a",
+                             "--host", "127.0.0.1", "--port", str(port)], port)
+
+
+def llamacpp_router(models: Path) -> Target:
+    port = free_port()
+    return Target("llama.cpp router", [str(LLAMA), "--models-dir", str(models), "--models-max", "2",
+                                       "--host", "127.0.0.1", "--port", str(port)], port)
+
+
+def gguf_router(models: Path) -> Target:
+    port = free_port()
+    return Target("gguf-router", [sys.executable, "-m", "gguf_router", "--models-dir", str(models),
+                                  "--models-max", "2", "--llama-server", str(LLAMA), "--log-level", "warning",
+                                  "--host", "127.0.0.1", "--port", str(port)], port)
+
+
+async def post(session, url, body) -> float:
+    t = time.perf_counter()
+    async with session.post(url, json=body) as r:
+        await r.read()
+        assert r.status == 200, (url, r.status)
+    return time.perf_counter() - t
+
+
+async def closed_loop(session, url, body, concurrency: int, requests: int) -> tuple[list[float], float]:
+    latencies: list[float] = []
+    left = requests
+
+    async def worker():
+        nonlocal left
+        while left > 0:
+            left -= 1
+            latencies.append(await post(session, url, body))
+
+    t = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, time.perf_counter() - t
+
+
+async def stream_one(session, url, body) -> tuple[float, list[float]]:
+    t = time.perf_counter()
+    first, gaps, last = None, [], None
+    async with session.post(url, json=body) as r:
+        async for _ in r.content.iter_any():
+            now = time.perf_counter()
+            if first is None:
+                first = now - t
+            else:
+                gaps.append(now - last)
+            last = now
+    return first, gaps
+
+
+def pct(values, q) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] * 1000
+
+
+async def small_requests(targets, session, rows):
+    bodies = {
+        "/tokenize": {"model": "tiny-a", "content": "hello world"},
+        "/v1/chat/completions": {"model": "tiny-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+    }
+    for path, body in bodies.items():
+        for conc, count in ((1, 200), (8, 400), (64, 640)):
+            per = {t.name: ([], 0.0) for t in targets}
+            for _ in range(ROUNDS):
+                for t in targets:
+                    lat, took = await closed_loop(session, t.url + path, body, conc, count)
+                    per[t.name][0].extend(lat)
+                    per[t.name] = (per[t.name][0], per[t.name][1] + took)
+            for name, (lat, took) in per.items():
+                rows.append({"scenario": f"{path} c={conc}", "target": name, "rps": len(lat) / took,
+                             "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99)})
+
+
+async def streams(targets, session, rows, rss):
+    body = {"model": "tiny-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 64,
+            "stream": True, "ignore_eos": True}
+    per = {t.name: ([], []) for t in targets}
+    for _ in range(ROUNDS):
+        for t in targets:
+            task = asyncio.gather(*(stream_one(session, t.url + "/v1/chat/completions", body) for _ in range(64)))
+            await asyncio.sleep(0.05)
+            rss[t.name + " under 64 streams"] = t.rss_mb()
+            for first, gaps in await task:
+                per[t.name][0].append(first)
+                per[t.name][1].extend(gaps)
+    for name, (firsts, gaps) in per.items():
+        rows.append({"scenario": "stream 64: first byte", "target": name, "p50_ms": pct(firsts, 0.5),
+                     "p99_ms": pct(firsts, 0.99)})
+        rows.append({"scenario": "stream 64: chunk gap", "target": name, "p50_ms": pct(gaps, 0.5),
+                     "p99_ms": pct(gaps, 0.99)})
+
+
+async def cold_starts(routers, session, models, rows):
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    bare = []
+    for _ in range(5):
+        t = direct(models)
+        bare.append(await t.ready(session))
+        t.stop()
+    rows.append({"scenario": "cold start", "target": "bare llama-server start-to-ready", "p50_ms": pct(bare, 0.5)})
+    for r in routers:
+        cold, swap = [], []
+        for _ in range(5):
+            for m in ("tiny-a", "tiny-b", "tiny-c"):
+                async with session.post(r.url + "/models/unload", json={"model": m}) as resp:
+                    await resp.read()
+            await asyncio.sleep(0.3)
+            cold.append(await post(session, r.url + "/v1/chat/completions", {**chat, "model": "tiny-b"}))
+            await post(session, r.url + "/v1/chat/completions", {**chat, "model": "tiny-a"})
+            swap.append(await post(session, r.url + "/v1/chat/completions", {**chat, "model": "tiny-c"}))
+        rows.append({"scenario": "cold start", "target": r.name, "p50_ms": pct(cold, 0.5),
+                     "over_bare_ms": pct(cold, 0.5) - pct(bare, 0.5)})
+        rows.append({"scenario": "swap at the limit", "target": r.name, "p50_ms": pct(swap, 0.5)})
+
+
+async def discovery(session, tiny: Path, rows):
+    for n in (10, 1000, 10000):
+        folder = Path(tempfile.mkdtemp(prefix=f"bench-{n}-"))
+        data = tiny.read_bytes()
+        for i in range(n):
+            (folder / f"m{i:05d}.gguf").write_bytes(data)
+        for make in (llamacpp_router, gguf_router):
+            t = make(folder)
+            took = await t.ready(session, "/v1/models")
+            rows.append({"scenario": f"start-to-ready, {n} files", "target": t.name, "p50_ms": took * 1000,
+                         "rss_mb": t.rss_mb()})
+            t.stop()
+        shutil.rmtree(folder)
+
+
+def table(rows) -> str:
+    by = {}
+    for r in rows:
+        by.setdefault(r["scenario"], {})[r["target"]] = r
+    lines = [f"{'scenario':34} {'target':34} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'vs direct':>10} {'vs llama.cpp':>12}"]
+    for scenario, targets in by.items():
+        base = targets.get("direct", {}).get("p50_ms")
+        ref = targets.get("llama.cpp router", {}).get("p50_ms")
+        for name, r in targets.items():
+            p50 = r.get("p50_ms")
+            lines.append(
+                f"{scenario:34} {name:34} {r.get('rps', 0):9.0f} {p50:9.3f} {r.get('p99_ms', 0):9.3f} "
+                f"{(f'{p50 - base:+.3f} ms' if base is not None and name != 'direct' else ''):>10} "
+                f"{(f'x{p50 / ref:.2f}' if ref and name == 'gguf-router' else ''):>12}")
+    return "\n".join(lines)
+
+
+def chart(rows, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    targets = ["direct", "llama.cpp router", "gguf-router"]
+    fig, ax = plt.subplots(figsize=(12, 6))
+    width = 0.27
+    for i, target in enumerate(targets):
+        values = [next((r["p50_ms"] for r in rows if r["scenario"] == s and r["target"] == target), 0) for s in scenarios]
+        ax.barh([y + i * width for y in range(len(scenarios))], values, width, label=target)
+    ax.set_yticks([y + width for y in range(len(scenarios))], scenarios, fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("p50 latency / time, ms (log scale)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+async def main() -> None:
+    work = Path(tempfile.mkdtemp(prefix="gguf-router-bench-"))
+    models = work / "models"
+    for seed, name in enumerate(("tiny-a", "tiny-b", "tiny-c")):
+        write_tiny_model(models / f"{name}.gguf", seed=seed)
+    rows, rss = [], {}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        targets = [direct(models), llamacpp_router(models), gguf_router(models)]
+        try:
+            for t in targets:
+                await t.ready(session)
+                rss[t.name + " idle"] = t.rss_mb()
+                await post(session, t.url + "/tokenize", {"model": "tiny-a", "content": "warm"})
+            print("small requests ...", file=sys.stderr)
+            await small_requests(targets, session, rows)
+            print("streams ...", file=sys.stderr)
+            await streams(targets, session, rows, rss)
+            print("cold starts ...", file=sys.stderr)
+            await cold_starts(targets[1:], session, models, rows)
+        finally:
+            for t in targets:
+                t.stop()
+        print("discovery ...", file=sys.stderr)
+        await discovery(session, models / "tiny-a.gguf", rows)
+    for name, mb in rss.items():
+        rows.append({"scenario": "RSS MB (router process)", "target": name, "p50_ms": mb})
+    print(table(rows))
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps({"rows": rows, "when": time.strftime("%F %T")}, indent=1))
+    chart([r for r in rows if "RSS" not in r["scenario"]], RESULTS / "latest.png")
+    print(f"wrote {RESULTS / 'latest.json'} and latest.png", file=sys.stderr)
+    shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
