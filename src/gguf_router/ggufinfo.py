@@ -7,8 +7,6 @@ this walks the header with the gguf package's own type constants and skips every
 
 from __future__ import annotations
 
-import mmap
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,25 +50,18 @@ class GGUFInfo:
 
 
 class _Header:
-    """Walks the header in a read-only map of the file: only the pages it touches are read."""
+    def __init__(self, f, size: int):
+        self.f = f
+        self.size = size
 
-    def __init__(self, buf: mmap.mmap):
-        self.buf = buf
-        self.size = len(buf)
-        self.pos = 0
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) != n:
+            raise InvalidGGUF(f"truncated header at byte {self.f.tell()}")
+        return data
 
     def unpack(self, fmt: str):
-        n = struct.calcsize(fmt)
-        if self.pos + n > self.size:
-            raise InvalidGGUF(f"truncated header at byte {self.pos}")
-        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
-        self.pos += n
-        return value
-
-    def skip(self, n: int) -> None:
-        self.pos += n
-        if self.pos > self.size:
-            raise InvalidGGUF("truncated header")
+        return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
 
     def count(self, what: str) -> int:
         n = self.unpack("<Q")
@@ -80,10 +71,9 @@ class _Header:
 
     def string(self) -> str:
         n = self.unpack("<Q")
-        if n > _MAX_STRING or self.pos + n > self.size:
-            raise InvalidGGUF(f"truncated or implausible string of {n} bytes at byte {self.pos}")
-        self.pos += n
-        return bytes(self.buf[self.pos - n:self.pos]).decode("utf-8", errors="replace")
+        if n > _MAX_STRING:
+            raise InvalidGGUF(f"implausible string length {n}")
+        return self.read(n).decode("utf-8", errors="replace")
 
     def value(self, vtype: int):
         if vtype == GGUFValueType.STRING:
@@ -100,61 +90,54 @@ class _Header:
         etype = self.unpack("<I")
         n = self.count("array element")
         if etype == GGUFValueType.STRING:
-            unpack_from, buf, pos = struct.unpack_from, self.buf, self.pos
-            try:
-                for _ in range(n):  # the hot loop of a 150,000-token vocabulary
-                    pos += 8 + unpack_from("<Q", buf, pos)[0]
-            except struct.error:
-                raise InvalidGGUF("truncated header inside a string array") from None
-            self.pos = pos
-            if pos > self.size:
-                raise InvalidGGUF("truncated header inside a string array")
+            for _ in range(n):
+                self.f.seek(self.unpack("<Q"), 1)
         elif etype == GGUFValueType.ARRAY:
             for _ in range(n):
                 self.skip_array()
         else:
             try:
-                self.skip(n * struct.calcsize(_SCALAR[GGUFValueType(etype)]))
+                self.f.seek(n * struct.calcsize(_SCALAR[GGUFValueType(etype)]), 1)
             except (ValueError, KeyError):
                 raise InvalidGGUF(f"unknown array element type {etype}") from None
+        if self.f.tell() > self.size:
+            raise InvalidGGUF("truncated header inside an array")
 
 
 def read_info(path: Path) -> GGUFInfo:
     """Raises InvalidGGUF (or OSError) for anything llama-server could not load."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 24:
+    with open(path, "rb", buffering=1 << 16) as f:
+        size = f.seek(0, 2)
+        f.seek(0)
+        h = _Header(f, size)
+        if size < 24 or h.unpack("<I") != GGUF_MAGIC:
             raise InvalidGGUF("not a GGUF file (bad magic)")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            h = _Header(buf)
-            if h.unpack("<I") != GGUF_MAGIC:
-                raise InvalidGGUF("not a GGUF file (bad magic)")
-            version = h.unpack("<I")
-            if version not in (2, 3):
-                raise InvalidGGUF(f"unsupported GGUF version {version}")
-            n_tensors = h.count("tensor")
-            n_kv = h.count("metadata key")
-            kv: dict[str, object] = {}
-            for _ in range(n_kv):
-                key = h.string()
-                kv[key] = h.value(h.unpack("<I"))
-            n_params = 0
-            data_end = 0
-            for _ in range(n_tensors):
-                h.string()
-                dims = [h.unpack("<Q") for _ in range(min(h.unpack("<I"), 8))]
-                ttype, offset = h.unpack("<I"), h.unpack("<Q")
-                elements = 1
-                for d in dims:
-                    elements *= d
-                try:
-                    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
-                except (ValueError, KeyError):
-                    raise InvalidGGUF(f"unknown tensor type {ttype}") from None
-                n_params += elements
-                data_end = max(data_end, offset + elements // block * type_size)
-            alignment = kv.get("general.alignment") or 32
-            data_start = -(-h.pos // alignment) * alignment
+        version = h.unpack("<I")
+        if version not in (2, 3):
+            raise InvalidGGUF(f"unsupported GGUF version {version}")
+        n_tensors = h.count("tensor")
+        n_kv = h.count("metadata key")
+        kv: dict[str, object] = {}
+        for _ in range(n_kv):
+            key = h.string()
+            kv[key] = h.value(h.unpack("<I"))
+        n_params = 0
+        data_end = 0
+        for _ in range(n_tensors):
+            h.string()
+            dims = [h.unpack("<Q") for _ in range(min(h.unpack("<I"), 8))]
+            ttype, offset = h.unpack("<I"), h.unpack("<Q")
+            elements = 1
+            for d in dims:
+                elements *= d
+            try:
+                block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            except (ValueError, KeyError):
+                raise InvalidGGUF(f"unknown tensor type {ttype}") from None
+            n_params += elements
+            data_end = max(data_end, offset + elements // block * type_size)
+        alignment = kv.get("general.alignment") or 32
+        data_start = -(-f.tell() // alignment) * alignment
     if n_tensors and data_start + data_end > size:
         raise InvalidGGUF(f"truncated: tensor data needs {data_start + data_end} bytes, file has {size}")
     arch = kv.get("general.architecture")
