@@ -89,7 +89,6 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"--models-dir {settings.models_dir} is not a folder")
 
     from .app import create_app
-
     from .systemd import listen_sockets
 
     log = logging.getLogger("gguf_router")
