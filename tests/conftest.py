@@ -43,6 +43,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class NotifyListener:
+    """Plays systemd's side of NOTIFY_SOCKET: collects the datagrams the router sends."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.1)
+        self.messages: list[str] = []
+
+    def wait_for(self, predicate, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = [m for m in self.messages if predicate(m)]
+            if found:
+                return found[-1]
+            try:
+                self.messages.extend(self.sock.recv(4096).decode().split("\n"))
+            except TimeoutError:
+                pass
+        raise AssertionError(f"no matching notification; got {self.messages}")
+
+
 class RouterProcess:
     """A gguf-router started as users start it, on a free loopback port."""
 
@@ -118,8 +141,16 @@ def start_router(llama_server, models_dir, tmp_path):
     routers: list[RouterProcess] = []
 
     def start(*args: str, models: Path | None = None, env: dict | None = None) -> RouterProcess:
+        # Hermetic: the machine's /etc/gguf-router (if any) must not change what a test sees.
+        defaults = []
+        if "--config" not in args:
+            (tmp_path / "empty.conf").touch()
+            defaults += ["--config", str(tmp_path / "empty.conf")]
+        if "--models-preset" not in args:
+            (tmp_path / "no-presets.ini").touch()
+            defaults += ["--models-preset", str(tmp_path / "no-presets.ini")]
         router = RouterProcess(
-            ["--models-dir", str(models or models_dir), "--llama-server", str(llama_server), *args],
+            ["--models-dir", str(models or models_dir), "--llama-server", str(llama_server), *defaults, *args],
             tmp_path / f"router{len(routers)}.log", env,
         )
         routers.append(router)

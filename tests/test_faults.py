@@ -4,13 +4,9 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import gguf
-import httpx
 import psutil
 
 from conftest import BUSY_ARGS, RouterProcess, chat, long_completion

@@ -1,7 +1,22 @@
 import pytest
-from pydantic import ValidationError
 
 from gguf_router.cli import parse_settings
+from gguf_router.ini import ConfigError
+
+ROUTER_VARS = ("GGUF_ROUTER_PORT", "GGUF_ROUTER_HOST", "GGUF_ROUTER_MODELS_MAX", "GGUF_ROUTER_API_KEYS",
+               "GGUF_ROUTER_CONFIG", "GGUF_ROUTER_MODELS_AUTOLOAD")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for var in ROUTER_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+def conf(tmp_path, text: str) -> str:
+    path = tmp_path / "gguf-router.conf"
+    path.write_text(text)
+    return str(path)
 
 
 def test_router_flags_are_parsed_and_the_rest_goes_to_children(tmp_path):
@@ -11,32 +26,54 @@ def test_router_flags_are_parsed_and_the_rest_goes_to_children(tmp_path):
     assert s.child_args == ("-c", "8192", "--threads", "2", "--no-mmap", "-ngl", "99")
 
 
-def test_defaults_match_llama_server(monkeypatch):
-    for var in ("GGUF_ROUTER_PORT", "GGUF_ROUTER_HOST", "GGUF_ROUTER_MODELS_MAX"):
-        monkeypatch.delenv(var, raising=False)
+def test_defaults_match_llama_server():
     s = parse_settings([])
     assert (s.host, s.port, s.models_max, s.models_autoload) == ("127.0.0.1", 8080, 4, True)
 
 
-def test_command_line_beats_environment_beats_default(monkeypatch):
+def test_command_line_beats_environment_beats_file_beats_default(monkeypatch, tmp_path):
+    path = conf(tmp_path, "[router]\nport = 9200\nmodels-max = 3\nhost = 0.0.0.0\nmodels_autoload = off\n")
     monkeypatch.setenv("GGUF_ROUTER_MODELS_MAX", "7")
     monkeypatch.setenv("GGUF_ROUTER_PORT", "9000")
     monkeypatch.setenv("GGUF_ROUTER_API_KEYS", "k1, k2")
-    s = parse_settings(["--port", "9100"])
-    assert (s.port, s.models_max, s.api_keys) == (9100, 7, ("k1", "k2"))
+    s = parse_settings(["--config", path, "--port", "9100"])
+    assert (s.port, s.models_max, s.host, s.models_autoload, s.api_keys) == (9100, 7, "0.0.0.0", False, ("k1", "k2"))
+    assert s.models_preset is None and s.stop_timeout == 10.0  # defaults where no one says
 
 
-def test_api_keys_repeat_or_comma(monkeypatch):
-    monkeypatch.delenv("GGUF_ROUTER_API_KEYS", raising=False)
+def test_api_keys_repeat_or_comma_plus_a_key_file(tmp_path):
     assert parse_settings(["--api-key", "a,b", "--api-key", "c"]).api_keys == ("a", "b", "c")
+    keys = tmp_path / "keys"
+    keys.write_text("# admin\nsecret-1\n\n  secret-2  \n")
+    s = parse_settings(["--config", conf(tmp_path, f"[router]\napi-key-file = {keys}\n"), "--api-key", "x"])
+    assert s.all_api_keys() == ("x", "secret-1", "secret-2")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["-m", "/x.gguf"], "set by the router"),
-    (["--alias=foo"], "set by the router"),
-    (["--models-max", "-1"], "greater than or equal to 0"),
-    (["--log-level", "loud"], "unknown log level"),
+@pytest.mark.parametrize("text, where, message", [
+    ("[router]\nmodels-max = lots\n", ":2: models-max", "valid integer"),
+    ("[router]\nport = 80\n\nmodel-dir = /x\n", ":4", "unknown key 'model-dir'"),
+    ("[server]\nport = 80\n", ":2", "unknown section [server]"),
+    ("[router]\nthis is not ini\n", ":2", "expected [section] or key = value"),
+    ("[router]\nlog-level = loud\n", ":2: log-level", "unknown log level"),
 ])
-def test_bad_settings_are_refused_by_name(argv, message):
-    with pytest.raises(ValidationError, match=message):
+def test_a_bad_config_file_is_refused_with_file_line_and_key(tmp_path, text, where, message):
+    path = conf(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(["--config", path])
+    assert caught.value.where.startswith(path + where)
+    assert message in caught.value.message
+
+
+def test_a_named_config_file_must_exist(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        parse_settings(["--config", str(tmp_path / "nope.conf")])
+
+
+@pytest.mark.parametrize("argv, where", [
+    (["--models-max", "-1"], "--models-max"),
+    (["--log-level", "loud"], "--log-level"),
+])
+def test_bad_command_line_values_are_refused_by_name(argv, where):
+    with pytest.raises(ConfigError) as caught:
         parse_settings(argv)
+    assert caught.value.where == where

@@ -3,7 +3,6 @@
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,33 +11,10 @@ import httpx
 import psutil
 import pytest
 
-from conftest import chat, free_port
+from conftest import NotifyListener, chat, free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
                                 reason="systemd-socket-activate is not installed (Debian package systemd)")
-
-
-class NotifyListener:
-    """Plays systemd's side of NOTIFY_SOCKET: collects the datagrams the router sends."""
-
-    def __init__(self, path):
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(0.1)
-        self.messages: list[str] = []
-
-    def wait_for(self, predicate, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [m for m in self.messages if predicate(m)]
-            if found:
-                return found[-1]
-            try:
-                self.messages.extend(self.sock.recv(4096).decode().split("\n"))
-            except TimeoutError:
-                pass
-        raise AssertionError(f"no matching notification; got {self.messages}")
 
 
 def test_socket_activation_readiness_status_watchdog_and_stopping(llama_server, models_dir, tmp_path):

@@ -9,6 +9,7 @@ from sanic.response import JSONResponse, json as json_response
 
 from . import __version__
 from .errors import RouterError, bad_request
+from .ini import ConfigError
 from .model import Model, ModelState
 
 bp = Blueprint("api")
@@ -40,16 +41,9 @@ def model_field(body: dict) -> str:
     return name
 
 
-def preset_text(model: Model) -> str:
-    lines = [f"[{model.id}]", f"model = {model.file.path}"]
-    if model.file.mmproj:
-        lines.append(f"mmproj = {model.file.mmproj}")
-    return "\n".join(lines) + "\n\n"
-
-
 def model_entry(model: Model) -> dict:
     file = model.file
-    status: dict = {"value": model.state.value, "args": list(model.argv), "preset": preset_text(model)}
+    status: dict = {"value": model.state.value, "args": list(model.argv), "preset": model.config.preset_text}
     if file.error:
         status.update(value="invalid", failed=True, error=file.error)
     elif model.state is ModelState.LOADING and model.progress is not None:
@@ -65,7 +59,7 @@ def model_entry(model: Model) -> dict:
         created = 0
     entry = {
         "id": model.id,
-        "aliases": [],
+        "aliases": list(model.config.aliases),
         "tags": [],
         "object": "model",
         "owned_by": "llamacpp",
@@ -90,27 +84,43 @@ async def health(request: Request) -> JSONResponse:
 
 async def list_models(request: Request) -> JSONResponse:
     router = request.app.ctx.router
-    if request.args.get("reload"):
-        await router.rescan()
-    models = sorted(router.scheduler.models.values(), key=lambda m: m.id)
+    if request.args.get("reload") in ("1", "true"):
+        await reload_router(router)
+    models = sorted((m for m in router.scheduler.models.values() if not m.removed), key=lambda m: m.id)
     return json_response({"data": [model_entry(m) for m in models], "object": "list"})
+
+
+async def reload_router(router) -> None:
+    try:
+        await router.reload(True)
+    except ConfigError as exc:
+        raise RouterError(422, f"config not reloaded, the last good one stays in use: {exc}") from None
+
+
+async def reload_models(request: Request) -> JSONResponse:
+    await reload_router(request.app.ctx.router)
+    return json_response({"success": True})
 
 
 async def load_model(request: Request) -> JSONResponse:
     scheduler = request.app.ctx.router.scheduler
     model_id = model_field(json_body(request))
-    if model_id not in scheduler.models:
-        raise RouterError(404, f"model '{model_id}' not found")
-    scheduler.load(model_id)
+    try:
+        model = scheduler.get(model_id)
+    except RouterError:
+        raise RouterError(404, f"model '{model_id}' not found") from None
+    scheduler.load(model.id)
     return json_response({"success": True})
 
 
 async def unload_model(request: Request) -> JSONResponse:
     scheduler = request.app.ctx.router.scheduler
     model_id = model_field(json_body(request))
-    if model_id not in scheduler.models:
-        raise RouterError(400, "model is not found")
-    scheduler.unload(model_id)
+    try:
+        model = scheduler.get(model_id)
+    except RouterError:
+        raise RouterError(400, "model is not found") from None
+    scheduler.unload(model.id)
     return json_response({"success": True})
 
 
@@ -133,3 +143,4 @@ add_routes(bp, health, "GET", "/health", "/v1/health")
 add_routes(bp, list_models, "GET", "/models", "/v1/models")
 add_routes(bp, load_model, "POST", "/models/load")
 add_routes(bp, unload_model, "POST", "/models/unload")
+add_routes(bp, reload_models, "POST", "/models/reload")

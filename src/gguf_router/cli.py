@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from . import __version__
-from .settings import Settings
+from .ini import ConfigError
+from .llama_options import LlamaServerError
+from .settings import Settings, load_settings
 
 USAGE = """\
 gguf-router [ROUTER OPTIONS] [LLAMA-SERVER OPTIONS...]
+       gguf-router check-config [ROUTER OPTIONS] [LLAMA-SERVER OPTIONS...]
        gguf-router demo-models DIR
 
 Routes OpenAI API requests, by their "model" field, to one llama-server per model.
 Options not listed here (-c 8192, --threads 4, -ngl 99, ...) are passed to every llama-server.
-Each option can also be set in the environment as GGUF_ROUTER_<NAME> (e.g. GGUF_ROUTER_MODELS_MAX=2).
+Each option can also be set in the environment as GGUF_ROUTER_<NAME> (e.g. GGUF_ROUTER_MODELS_MAX=2)
+or in the [router] section of /etc/gguf-router/gguf-router.conf (models-max = 2); the command line
+wins over the environment, which wins over the file. check-config checks the config and presets
+files and prints the command line each model would be started with.
 """
 
 
@@ -26,6 +31,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gguf-router", usage=USAGE, allow_abbrev=False,
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--version", action="version", version=f"gguf-router {__version__}")
+    p.add_argument("--config", type=Path, help="router settings file (default /etc/gguf-router/gguf-router.conf, if present)")
+    p.add_argument("--models-preset", type=Path,
+                   help="model presets INI file, plus FILE.d/*.ini (default /etc/gguf-router/presets.ini, if present)")
     p.add_argument("--models-dir", type=Path, help="folder of GGUF models (file x.gguf or folder x/ = model x)")
     p.add_argument("--models-max", type=int, help="models loaded at once, least recently used unloaded first; 0 = no limit (default 4)")
     p.add_argument("--no-models-autoload", dest="models_autoload", action="store_false",
@@ -35,20 +43,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port to listen on (default 8080)")
     p.add_argument("--api-key", dest="api_keys", action="append",
                    help="require this key (Bearer or X-Api-Key) on every endpoint but /health; repeatable or comma-separated")
+    p.add_argument("--api-key-file", type=Path, help="file of API keys, one per line")
     p.add_argument("--llama-server", type=Path, help="the llama-server binary the models run in")
     p.add_argument("--stop-timeout", type=float, help="seconds a child gets to exit before it is killed (default 10)")
     p.add_argument("--log-level", help="debug, info, warning or error (default info)")
     return p
 
 
-def parse_settings(argv: list[str]) -> Settings:
+def parse_command_line(argv: list[str]) -> dict:
+    """The settings given on the command line, by field name; the rest goes to children."""
     args, child_args = parser().parse_known_args(argv)
     given = vars(args)
     if "api_keys" in given:
         given["api_keys"] = ",".join(given["api_keys"])
     if child_args:
         given["child_args"] = tuple(child_args)
-    return Settings(**given)
+    return given
+
+
+def parse_settings(argv: list[str]) -> Settings:
+    return load_settings(parse_command_line(argv))
 
 
 def setup_logging(settings: Settings) -> None:
@@ -67,8 +81,40 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def check_config(argv: list[str]) -> None:
+    """Prints what the router would serve and how, or the first config error (exit 1)."""
+    from .catalog import build, read_presets
+    from .discovery import Discovery
+
+    try:
+        settings = parse_settings(argv)
+        presets, child_options = read_presets(settings)
+        runtime_dir = settings.runtime_dir or Path("$RUNTIME_DIR")
+        catalog = build(settings, Discovery(settings.models_dir, settings.hf_cache), presets, child_options, runtime_dir)
+    except (ConfigError, LlamaServerError) as exc:
+        print(f"gguf-router: config error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    print(f"config file:  {settings.config or 'none (defaults)'}")
+    print(f"presets:      {', '.join(map(str, presets.files)) or 'none'}")
+    print(f"llama-server: {settings.llama_server}")
+    print(f"models dir:   {settings.models_dir or 'none'}")
+    for warning in catalog.warnings:
+        print(f"warning: {warning}")
+    for model_id, config in sorted(catalog.models.items()):
+        notes = [config.file.source]
+        if config.aliases:
+            notes.append("aliases " + ", ".join(config.aliases))
+        if config.load_on_startup:
+            notes.append("load-on-startup")
+        if config.file.error:
+            notes.append(f"NOT USABLE: {config.file.error}")
+        print(f"\n{model_id} ({'; '.join(notes)})\n  {shlex.join(config.argv)}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check-config"]:
+        return check_config(argv[1:])
     if argv[:1] == ["demo-models"]:
         from .tinymodels import write_demo_folder
 
@@ -77,14 +123,16 @@ def main(argv: list[str] | None = None) -> None:
         for path in write_demo_folder(Path(argv[1])):
             print(path)
         return
+    given = parse_command_line(argv)
     try:
-        settings = parse_settings(argv)
-    except ValidationError as exc:
-        fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()))
+        settings = load_settings(given)
+    except ConfigError as exc:
+        fail(str(exc))
     setup_logging(settings)
     if not settings.llama_server.exists():
         fail(f"no llama-server at {settings.llama_server}: build one with scripts/build-llama-server "
-             "or name yours with --llama-server PATH (or GGUF_ROUTER_LLAMA_SERVER)")
+             "or name yours: llama-server = PATH in the [router] section of /etc/gguf-router/gguf-router.conf, "
+             "--llama-server PATH or GGUF_ROUTER_LLAMA_SERVER")
     if settings.models_dir is not None and not settings.models_dir.is_dir():
         fail(f"--models-dir {settings.models_dir} is not a folder")
 
@@ -93,7 +141,10 @@ def main(argv: list[str] | None = None) -> None:
 
     log = logging.getLogger("gguf_router")
     sockets = listen_sockets()
-    app = create_app(settings)
+    try:
+        app = create_app(settings, lambda: load_settings(given))
+    except (ConfigError, LlamaServerError) as exc:
+        fail(str(exc))
     run = dict(single_process=True, access_log=False, motd=False)
     if sockets:
         if len(sockets) > 1:

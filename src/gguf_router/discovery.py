@@ -5,6 +5,8 @@
 - Hugging Face hub cache (where `llama-server -hf` downloads): `models--USER--REPO/snapshots/REV/`
   gives `USER/REPO:QUANT` for each first shard; a models-dir entry of the same id wins.
 Headers are read once per (path, size, mtime) and cached, so a rescan costs a stat per file.
+After the first scan, a file that was not listed before is offered only once it has not changed
+for `settle` seconds, so a GGUF still being copied in is never handed to llama-server.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,7 @@ class ModelFile:
     mmproj: Path | None = None
     info: GGUFInfo | None = None
     error: str | None = None  # why the file cannot be served; None when valid
+    stamp: tuple[int, int] = (0, 0)  # size and mtime: a file replaced in place restarts its model
 
 
 def _is_companion(name: str) -> bool:
@@ -42,7 +46,8 @@ def _is_companion(name: str) -> bool:
 def _gguf_files(folder: Path) -> list[os.DirEntry]:
     try:
         with os.scandir(folder) as it:
-            return sorted((e for e in it if e.name.endswith(".gguf") and e.is_file()), key=lambda e: e.name)
+            return sorted((e for e in it if e.name.endswith(".gguf") and not e.name.startswith(".") and e.is_file()),
+                          key=lambda e: e.name)
     except OSError:
         return []
 
@@ -53,24 +58,36 @@ class Discovery:
         self.hf_cache = hf_cache
         self._headers: dict[Path, tuple[tuple[int, int], GGUFInfo | None, str | None]] = {}
         self._reported: set[tuple[Path, str]] = set()
+        self._listed: set[Path] = set()
+        self.settle = 0.0  # seconds a new file must stay unchanged; 0 for the first scan
+        self.next_check: float | None = None  # seconds until a settling file is due, after a scan
 
     def scan(self) -> dict[str, ModelFile]:
         """Blocking (stat and header reads): run it in a thread from async code."""
-        found: dict[str, ModelFile] = {}
+        self.next_check = None
+        found: dict[str, ModelFile | None] = {}
         if self.hf_cache is not None:
             for model_id, path, mmproj in self._scan_hf_cache(self.hf_cache):
-                found[model_id] = self._describe(model_id, path, "cache", mmproj)
+                found[model_id] = self.describe(model_id, path, "cache", mmproj)
         if self.models_dir is not None:
             for model_id, path, mmproj in self._scan_models_dir(self.models_dir):
-                found[model_id] = self._describe(model_id, path, "models_dir", mmproj)
-        live = {m.path for m in found.values()}
-        self._headers = {p: v for p, v in self._headers.items() if p in live}
-        return found
+                found[model_id] = self.describe(model_id, path, "models_dir", mmproj)
+        files = {model_id: f for model_id, f in found.items() if f is not None}
+        self._listed = {f.path for f in files.values()}
+        self._headers = {p: v for p, v in self._headers.items() if p in self._listed}
+        return files
 
-    def _describe(self, model_id: str, path: Path, source: str, mmproj: Path | None) -> ModelFile:
+    def describe(self, model_id: str, path: Path, source: str, mmproj: Path | None) -> ModelFile | None:
+        """The file with its header read, or None while a new file is still settling."""
+        stamp = (0, 0)
         try:
             st = path.stat()
-            key = (st.st_size, st.st_mtime_ns)
+            stamp = key = (st.st_size, st.st_mtime_ns)
+            age = time.time() - st.st_mtime
+            if self.settle and path not in self._listed and age < self.settle:
+                wait = self.settle - max(age, 0.0)
+                self.next_check = min(self.next_check or wait, wait)
+                return None
             cached = self._headers.get(path)
             if cached is None or cached[0] != key:
                 try:
@@ -84,7 +101,7 @@ class Discovery:
         if error and (path, error) not in self._reported:
             self._reported.add((path, error))  # once per file and reason, not on every rescan
             log.warning("model %s: %s is not a usable GGUF: %s", model_id, path, error)
-        return ModelFile(model_id, path, source, mmproj, info, error)
+        return ModelFile(model_id, path, source, mmproj, info, error, stamp)
 
     @staticmethod
     def _scan_models_dir(root: Path):

@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from .catalog import ModelConfig
 from .discovery import ModelFile
 from .launchers import Child
 
@@ -48,9 +49,10 @@ class Exit:
 
 
 class Model:
-    def __init__(self, file: ModelFile, argv: tuple[str, ...]):
-        self.file = file
-        self.argv = argv
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self.removed = False  # its file or preset is gone: stopped once idle, then forgotten
+        self.restart = False  # its options changed while running: restarted once idle
         self.state = S.UNLOADED
         self.child: Child | None = None
         self.last_exit: Exit | None = None
@@ -69,7 +71,15 @@ class Model:
 
     @property
     def id(self) -> str:
-        return self.file.id
+        return self.config.id
+
+    @property
+    def file(self) -> ModelFile:
+        return self.config.file
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return self.config.argv
 
     @property
     def idle(self) -> bool:

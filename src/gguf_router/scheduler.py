@@ -7,38 +7,36 @@ Rules, as llama.cpp's router has them, minus its races:
   load and one eviction; a queue entry whose last request left is dropped, so it costs no one
   a slot;
 - the capacity check and the eviction happen in one step (`_pump`), which runs on the event
-  loop without awaiting, so no other decision can interleave.
+  loop without awaiting, so no other decision can interleave;
+- a new catalog (files or presets changed) never interrupts a request: a model whose options
+  changed is restarted, and one whose file is gone is stopped, once it is idle.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from pathlib import Path
 from typing import Callable
 
-from .discovery import ModelFile
+from .catalog import ModelConfig, socket_path
 from .errors import RouterError, model_not_found
 from .launchers import LaunchError, Launcher, LaunchSpec
 from .model import HOLDS_SLOT, Exit, Model, ModelState
 
 log = logging.getLogger(__name__)
 S = ModelState
-
-ArgvBuilder = Callable[[ModelFile, Path], tuple[str, ...]]
+RESTART = "restarting with new options"
 
 
 class Scheduler:
-    def __init__(self, launcher: Launcher, argv_for: ArgvBuilder, runtime_dir: Path,
-                 models_max: int, stop_timeout: float):
+    def __init__(self, launcher: Launcher, runtime_dir: Path, models_max: int):
         self.launcher = launcher
-        self.argv_for = argv_for
         self.runtime_dir = runtime_dir
         self.models_max = models_max
-        self.stop_timeout = stop_timeout
         self.models: dict[str, Model] = {}
+        self._aliases: dict[str, str] = {}
         self._queue: dict[str, Model] = {}  # insertion order is arrival order
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
@@ -46,8 +44,9 @@ class Scheduler:
     # -- what the API reads ---------------------------------------------------------------
 
     def get(self, model_id: str) -> Model:
-        model = self.models.get(model_id)
-        if model is None:
+        """The model by id or alias."""
+        model = self.models.get(self._aliases.get(model_id, model_id))
+        if model is None or model.removed:
             raise model_not_found(model_id)
         return model
 
@@ -58,19 +57,35 @@ class Scheduler:
         return model
 
     def socket_for(self, model_id: str) -> Path:
-        # Short and fixed per model: sun_path holds 108 bytes, and ids may hold '/' and ':'.
-        return self.runtime_dir / f"{hashlib.sha1(model_id.encode()).hexdigest()[:16]}.sock"
+        return socket_path(self.runtime_dir, model_id)
 
     # -- the model list -------------------------------------------------------------------
 
-    def set_files(self, files: dict[str, ModelFile]) -> None:
-        for model_id, file in files.items():
+    def set_catalog(self, configs: dict[str, ModelConfig]) -> None:
+        """Takes a new model list: adds, updates and retires models."""
+        for model_id, config in configs.items():
             model = self.models.get(model_id)
-            argv = self.argv_for(file, self.socket_for(model_id))
             if model is None:
-                self.models[model_id] = Model(file, argv)
-            else:
-                model.file, model.argv = file, argv
+                self.models[model_id] = Model(config)
+                continue
+            changed = (config.argv, config.file.stamp) != (model.argv, model.file.stamp)
+            model.config, model.removed = config, False
+            if changed and model.state in (S.LOADING, S.LOADED) and not model.restart:
+                log.info("model %s: its options or file changed; restarting it once idle", model_id)
+                model.restart = True
+        for model_id in set(self.models) - set(configs):
+            model = self.models[model_id]
+            if self._queue.get(model_id) is model:
+                self._dequeue(model, "its file or preset was removed")
+            if model.state is S.UNLOADED:
+                del self.models[model_id]
+            elif not model.removed:
+                log.info("model %s: its file or preset is gone; stopping it once idle", model_id)
+                model.removed = True
+        self._aliases = {alias: c.id for c in configs.values() for alias in c.aliases}
+        for model in list(self.models.values()):
+            self._retire_if_idle(model)
+        self._pump()
 
     # -- serving --------------------------------------------------------------------------
 
@@ -86,6 +101,8 @@ class Scheduler:
                 await model.changed()
                 continue
             if model.pending is None:
+                if model.removed:
+                    raise model_not_found(model.id)
                 if not autoload:
                     raise RouterError(400, "model is not loaded")
                 self._enqueue(model)
@@ -101,6 +118,7 @@ class Scheduler:
         model.in_flight -= 1
         model.last_used = time.monotonic()
         if model.in_flight == 0:
+            self._retire_if_idle(model)
             self._pump()
 
     def load(self, model_id: str) -> None:
@@ -130,7 +148,8 @@ class Scheduler:
             if model.state in (S.LOADING, S.LOADED):
                 self._stop(model, "unloaded")
         if self._tasks:
-            await asyncio.wait(self._tasks, timeout=self.stop_timeout + 5)
+            longest = max((m.config.stop_timeout for m in self.models.values()), default=10.0)
+            await asyncio.wait(self._tasks, timeout=longest + 5)
 
     # -- decisions ------------------------------------------------------------------------
 
@@ -194,6 +213,10 @@ class Scheduler:
         model.stop_reason = None
         model.runner = self._spawn(self._run(model))
 
+    def _retire_if_idle(self, model: Model) -> None:
+        if (model.removed or model.restart) and model.idle:
+            self._stop(model, "its file or preset was removed" if model.removed else RESTART)
+
     def _stop(self, model: Model, reason: str) -> None:
         model.stop_reason = reason
         was = model.state
@@ -201,7 +224,7 @@ class Scheduler:
         if was is S.LOADING:
             model.runner.cancel()  # kills the child that is still loading
         elif model.child is not None:
-            self._spawn(model.child.stop(self.stop_timeout))
+            self._spawn(model.child.stop(model.config.stop_timeout))
 
     def _on_progress(self, model: Model) -> Callable[[float], None]:
         def progress(value: float) -> None:
@@ -211,7 +234,7 @@ class Scheduler:
 
     async def _run(self, model: Model) -> None:
         """One child's life: start, serve until it exits, record how it ended."""
-        spec = LaunchSpec(model.id, model.argv, self.socket_for(model.id), self.stop_timeout)
+        spec = LaunchSpec(model.id, model.argv, self.socket_for(model.id), model.config.stop_timeout)
         started = time.monotonic()
         try:
             child = await self.launcher.start(spec, self._on_progress(model))
@@ -227,6 +250,7 @@ class Scheduler:
         model.set_state(S.LOADED, f"ready in {time.monotonic() - started:.3f} s, pid {child.pid}")
         model.last_used = time.monotonic()
         self._settle(model)
+        self._retire_if_idle(model)
         code = await child.wait()
         if model.state is S.UNLOADING:
             self._ended(model, Exit(code, model.stop_reason, failed=False))
@@ -240,6 +264,12 @@ class Scheduler:
         model.last_exit = exit
         model.set_state(S.UNLOADED, f"{exit.reason}, exit code {exit.code}")
         self._settle(model, error or RouterError(503, f"model '{model.id}' was unloaded while loading"))
+        restart, model.restart = model.restart and exit.reason == RESTART, False
+        if model.removed and self.models.get(model.id) is model:
+            del self.models[model.id]
+        elif restart and not self._closing:
+            model.pinned = True
+            self._enqueue(model)
         self._pump()
 
 

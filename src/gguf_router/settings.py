@@ -1,31 +1,30 @@
-"""The router's settings, parsed once in `cli.main` and read everywhere else.
+"""The router's settings, parsed once by `load_settings` (and again on reload) and read everywhere else.
 
-Precedence: command line > environment (GGUF_ROUTER_*) > defaults. The command line reaches
-pydantic-settings as init arguments, which it ranks above the environment.
+Precedence: command line > environment (GGUF_ROUTER_*) > config file ([router] section of
+/etc/gguf-router/gguf-router.conf) > defaults. The command line reaches pydantic-settings as init
+arguments, which it ranks above the environment; the file is a settings source of ours below both.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
 import shutil
-import tempfile
 from pathlib import Path
+from typing import Annotated, Any
 
-from typing import Annotated
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from .ini import ConfigError, Value, read_ini
 
+ETC_DIR = Path("/etc/gguf-router")
+DEFAULT_CONFIG = ETC_DIR / "gguf-router.conf"
+DEFAULT_PRESETS = ETC_DIR / "presets.ini"
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gguf-router"
 # Where scripts/build-llama-server puts its build; used when no other binary is named.
 BUILT_LLAMA_SERVER = CACHE_DIR / "llama-server-b11434" / "bin" / "llama-server"
-
-# Options the router sets on every child itself; given by the user they would break routing.
-RESERVED_CHILD_OPTIONS = frozenset(
-    {"-m", "--model", "--host", "--port", "-a", "--alias", "--models-dir", "--models-max",
-     "--models-preset", "--no-models-autoload", "--models-autoload", "-hf", "--hf-repo"}
-)
-
 
 def default_llama_server() -> Path:
     if BUILT_LLAMA_SERVER.exists():
@@ -44,31 +43,67 @@ def default_hf_cache() -> Path | None:
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 
-def default_runtime_dir() -> Path:
-    # systemd's RuntimeDirectory= hands us a private folder; otherwise make one (mode 0700).
-    if os.environ.get("RUNTIME_DIRECTORY"):
-        return Path(os.environ["RUNTIME_DIRECTORY"].split(":")[0])
-    return Path(tempfile.mkdtemp(prefix="gguf-router-"))
+def systemd_runtime_dir() -> Path | None:
+    # systemd's RuntimeDirectory= hands us a private folder; without it the router makes one.
+    value = os.environ.get("RUNTIME_DIRECTORY")
+    return Path(value.split(":")[0]) if value else None
+
+
+# The config file's values for the Settings being built: pydantic-settings builds its sources
+# inside Settings(), so `load_settings` hands them over here rather than through a global.
+_file_values: contextvars.ContextVar[dict[str, Value]] = contextvars.ContextVar("file_values", default={})
+
+
+class ConfigFileSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        value = _file_values.get().get(field_name)
+        return (value.text if value else None), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {name: value.text for name, value in _file_values.get().items()}
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GGUF_ROUTER_", frozen=True, extra="forbid")
 
+    config: Path | None = None  # the file these came from, when there was one
     models_dir: Path | None = None
+    models_preset: Path | None = None
     models_max: int = Field(4, ge=0, description="models loaded at once; 0 = unlimited")
     models_autoload: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     # Comma-separated in the environment, like llama-server's LLAMA_API_KEY.
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    api_key_file: Path | None = None  # one key per line; keeps keys out of a world-readable file
     llama_server: Path = Field(default_factory=default_llama_server)
     child_args: tuple[str, ...] = ()
     stop_timeout: float = Field(10.0, gt=0)
     hf_cache: Path | None = Field(default_factory=default_hf_cache)
-    runtime_dir: Path = Field(default_factory=default_runtime_dir)
+    runtime_dir: Path | None = Field(default_factory=systemd_runtime_dir)
     log_level: str = "INFO"
     # journald stamps every line itself; a terminal wants the time in the line.
     log_timestamps: bool = Field(default_factory=lambda: "JOURNAL_STREAM" not in os.environ)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings):
+        return init_settings, env_settings, ConfigFileSource(settings_cls)
+
+    def preset_files(self) -> tuple[Path, list[Path]]:
+        """The presets file (given or the default) and its drop-ins, presets.d/*.ini in name order."""
+        main = self.models_preset or DEFAULT_PRESETS
+        dropins = main.with_suffix(".d")
+        return main, sorted(p for p in dropins.glob("*.ini") if p.is_file()) if dropins.is_dir() else []
+
+    def all_api_keys(self) -> tuple[str, ...]:
+        if self.api_key_file is None:
+            return self.api_keys
+        try:
+            lines = self.api_key_file.read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(str(self.api_key_file), f"api-key-file cannot be read: {exc.strerror}") from None
+        return self.api_keys + tuple(k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#"))
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -77,14 +112,6 @@ class Settings(BaseSettings):
             value = value.split(",")
         return tuple(k.strip() for k in value if k and k.strip())
 
-    @field_validator("child_args")
-    @classmethod
-    def _no_reserved(cls, value):
-        for arg in value:
-            if arg.split("=", 1)[0] in RESERVED_CHILD_OPTIONS:
-                raise ValueError(f"{arg} is set by the router for each model and cannot be passed to children")
-        return value
-
     @field_validator("log_level")
     @classmethod
     def _level(cls, value):
@@ -92,3 +119,55 @@ class Settings(BaseSettings):
         if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError(f"unknown log level {value!r}: use debug, info, warning or error")
         return value
+
+
+# Keys the config file may set: every setting but the file itself and the children's options,
+# which belong in the presets' [*] section.
+FILE_KEYS = frozenset(Settings.model_fields) - {"config", "child_args"}
+
+
+def read_config_file(path: Path) -> dict[str, Value]:
+    sections = read_ini(path)
+    values: dict[str, Value] = {}
+    for section, entries in sections.items():
+        if section != "router":
+            first = next(iter(entries.values()), None)
+            where = first.where if first else str(path)
+            raise ConfigError(where, f"unknown section [{section}]: the router's settings go in [router]")
+        for key, value in entries.items():
+            name = key.replace("-", "_")
+            if name not in FILE_KEYS:
+                raise ConfigError(value.where, f"unknown key {key!r} in [router]; known keys: "
+                                  + ", ".join(sorted(k.replace("_", "-") for k in FILE_KEYS)))
+            values[name] = value
+    return values
+
+
+def load_settings(cli: dict[str, Any]) -> Settings:
+    """Settings from the command line's values, the environment and the config file.
+
+    The file is the one given (--config / GGUF_ROUTER_CONFIG; it must exist) or the default one
+    (used when present). Raises ConfigError naming where the bad value came from."""
+    given = cli.get("config") or os.environ.get("GGUF_ROUTER_CONFIG")
+    path = Path(given) if given else DEFAULT_CONFIG
+    if given and not path.is_file():
+        raise ConfigError(str(path), "config file not found")
+    values = read_config_file(path) if path.is_file() else {}
+    token = _file_values.set(values)
+    try:
+        return Settings(**{**cli, "config": path if path.is_file() else None})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0]) if error["loc"] else ""
+        env = f"GGUF_ROUTER_{field.upper()}"
+        if field in cli:
+            where = "command line" if field == "child_args" else f"--{field.replace('_', '-')}"
+        elif env in os.environ:
+            where = f"environment {env}"
+        elif field in values:
+            where = f"{values[field].where}: {field.replace('_', '-')}"
+        else:
+            where = field or "settings"
+        raise ConfigError(where, error["msg"].removeprefix("Value error, ")) from None
+    finally:
+        _file_values.reset(token)

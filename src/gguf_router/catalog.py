@@ -1,0 +1,112 @@
+"""What models exist and how each is started: discovered files + presets + settings, combined.
+
+Built whole, off the event loop (it stats files and reads headers), then handed to the scheduler
+in one piece; a config error anywhere means no new catalog at all, so a reload is all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .discovery import Discovery, ModelFile
+from .ini import ConfigError
+from .llama_options import options_of
+from .presets import Presets, Section, load_presets, parse_child_args, to_argv
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    file: ModelFile
+    argv: tuple[str, ...]
+    aliases: tuple[str, ...] = ()
+    load_on_startup: bool = False
+    stop_timeout: float = 10.0
+    preset_text: str = ""
+
+    @property
+    def id(self) -> str:
+        return self.file.id
+
+
+@dataclass(frozen=True)
+class Catalog:
+    models: dict[str, ModelConfig]
+    presets: Presets
+    warnings: tuple[str, ...] = ()
+
+
+def socket_path(runtime_dir: Path, model_id: str) -> Path:
+    # Short and fixed per model: sun_path holds 108 bytes, and ids may hold '/' and ':'.
+    return runtime_dir / f"{hashlib.sha1(model_id.encode()).hexdigest()[:16]}.sock"
+
+
+def read_presets(settings: Settings) -> tuple[Presets, Section]:
+    """The presets files and the command line's child options, checked against the binary."""
+    table = options_of(settings.llama_server)
+    main, dropins = settings.preset_files()
+    presets = load_presets(main, dropins, table, required=settings.models_preset is not None)
+    return presets, parse_child_args(settings.child_args, table)
+
+
+def _preset_text(model_id: str, file: ModelFile, section: Section) -> str:
+    lines = [f"[{model_id}]", f"model = {file.path}"]
+    lines += [f"{flag.lstrip('-')} = {value}" for flag, (_, value, _) in section.options.items()]
+    lines += [f"{key} = {value.text}" for key, (_, value) in section.router.items()]
+    return "\n".join(lines) + "\n\n"
+
+
+def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Section,
+          runtime_dir: Path) -> Catalog:
+    """Blocking: run it in a thread from async code."""
+    files = discovery.scan()
+    warnings: list[str] = []
+    for name, section in presets.models.items():
+        if section.model is None:
+            if name not in files:
+                warnings.append(f"preset [{name}] matches no model in the models dir (and sets no model = PATH)")
+            continue
+        path = Path(section.model.text).expanduser()
+        if not path.is_absolute():
+            path = (settings.models_dir or section.model.path.parent) / path
+        files[name] = discovery.describe(name, path, "preset", None)
+
+    models: dict[str, ModelConfig] = {}
+    for model_id, file in files.items():
+        section = presets.for_model(model_id)
+        effective = Section({**section.options, **cli.options}, section.router, section.model)
+        argv = [str(settings.llama_server), *to_argv(effective),
+                "--host", str(socket_path(runtime_dir, model_id)), "--alias", model_id,
+                "--model", str(file.path)]
+        if file.mmproj and "--mmproj" not in effective.options:
+            argv += ["--mmproj", str(file.mmproj)]
+        router = {key: parsed for key, (parsed, _) in effective.router.items()}
+        models[model_id] = ModelConfig(
+            file, tuple(argv), router.get("alias", ()), router.get("load-on-startup", False),
+            router.get("stop-timeout", settings.stop_timeout), _preset_text(model_id, file, effective))
+    _check_aliases(models, presets, warnings)
+    return Catalog(models, presets, tuple(warnings))
+
+
+def _check_aliases(models: dict[str, ModelConfig], presets: Presets, warnings: list[str]) -> None:
+    """Two presets claiming one alias is a config error; an alias that a model file's id took
+    later (a file copied in) is dropped with a warning, so new files never break the config."""
+    owner: dict[str, str] = {}
+    for model_id, config in list(models.items()):
+        kept = []
+        for alias in config.aliases:
+            if alias in owner and owner[alias] != model_id:
+                where = presets.for_model(model_id).router["alias"][1].where
+                raise ConfigError(where, f"alias {alias!r} of [{model_id}] is already an alias of [{owner[alias]}]")
+            if alias in models and alias != model_id:
+                warnings.append(f"alias {alias!r} of [{model_id}] is ignored: a model has that id")
+                continue
+            owner[alias] = model_id
+            kept.append(alias)
+        if tuple(kept) != config.aliases:
+            models[model_id] = replace(config, aliases=tuple(kept))

@@ -1,0 +1,112 @@
+"""The options the configured llama-server accepts, read from its own `--help`.
+
+Presets name options by long or short name or LLAMA_ARG_* variable, as llama.cpp's do; asking
+the binary itself (14 ms, cached per binary and mtime) keeps the router right for any build and
+lets `check-config` tell that an option is unknown to *this* llama-server.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+_ENV = re.compile(r"\(env: (LLAMA_ARG_[A-Z0-9_]+)\)")
+
+
+@dataclass(frozen=True)
+class Option:
+    names: tuple[str, ...]  # positive forms, e.g. ("-c", "--ctx-size")
+    negatives: tuple[str, ...]  # e.g. ("--no-mmap",)
+    hint: str  # the value's placeholder ("N", "FNAME", "[on|off|auto]"); "" for a flag
+    env: str | None
+
+    @property
+    def takes_value(self) -> bool:
+        return bool(self.hint)
+
+    @property
+    def flag(self) -> str:
+        """The name used on command lines we build: the last positive form, as llama.cpp does."""
+        return self.names[-1]
+
+
+class OptionTable:
+    def __init__(self, options: list[Option]):
+        self.options = options
+        self._by_key: dict[str, tuple[Option, bool]] = {}
+        for opt in options:
+            for name in opt.names:
+                self._by_key.setdefault(name.lstrip("-"), (opt, False))
+            for name in opt.negatives:
+                self._by_key.setdefault(name.lstrip("-"), (opt, True))
+            if opt.env:
+                self._by_key.setdefault(opt.env, (opt, False))
+
+    def lookup(self, key: str) -> tuple[Option, bool] | None:
+        """(option, negated) for a preset key such as `ctx-size`, `c`, `no-mmap` or `LLAMA_ARG_CTX_SIZE`."""
+        return self._by_key.get(key.lstrip("-") if key.startswith("-") else key)
+
+
+def _split_names(names: list[str], takes_value: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """llama.cpp prints a flag's positive forms first, then its negative ones: `--no-x`, `-no-x`,
+    or a short `-nx` followed by a `--no-` form (-nkvo, --no-kv-offload)."""
+    if takes_value:
+        return tuple(names), ()
+    for i, name in enumerate(names[1:], 1):
+        later_no = any(n.startswith("--no-") for n in names[i:])
+        if name.startswith(("--no-", "-no-")) or (name.startswith("-n") and not name.startswith("--") and later_no):
+            return tuple(names[:i]), tuple(names[i:])
+    return tuple(names), ()
+
+
+def parse_help(text: str) -> OptionTable:
+    options: list[Option] = []
+    current: list = []
+
+    def flush():
+        if current:
+            names, hint, env = current
+            positives, negatives = _split_names(names, bool(hint))
+            options.append(Option(positives, negatives, hint, env))
+            current.clear()
+
+    for line in text.splitlines():
+        if line.startswith("-"):
+            flush()
+            # "-c,    --ctx-size N      description": names, an optional value hint, the text.
+            head = re.split(r" {2,}", re.sub(r", +", ", ", line.strip()), maxsplit=1)[0]
+            names = head.split(", ")
+            last, _, hint = names[-1].partition(" ")
+            names[-1] = last
+            current[:] = [names, hint, None]
+        elif current and (env := _ENV.search(line)):
+            current[2] = env.group(1)
+    flush()
+    return OptionTable(options)
+
+
+class LlamaServerError(Exception):
+    pass
+
+
+@functools.lru_cache(maxsize=4)
+def _table(path: str, mtime_ns: int) -> OptionTable:
+    try:
+        out = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LlamaServerError(f"cannot run {path} --help: {exc}") from None
+    table = parse_help(out.stdout + out.stderr)
+    if table.lookup("ctx-size") is None:
+        raise LlamaServerError(f"{path} --help does not list llama-server's options (is it llama-server?)")
+    return table
+
+
+def options_of(llama_server: Path) -> OptionTable:
+    try:
+        mtime = llama_server.stat().st_mtime_ns
+    except OSError as exc:
+        raise LlamaServerError(f"no llama-server at {llama_server}: {exc.strerror}") from None
+    return _table(str(llama_server), mtime)

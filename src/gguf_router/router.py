@@ -1,0 +1,185 @@
+"""The router's state, shared by the endpoints: settings -> catalog -> scheduler, and reloading them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import aiohttp
+
+from .catalog import build, read_presets
+from .discovery import Discovery
+from .errors import RouterError
+from .ini import ConfigError
+from .launchers import create_launcher
+from .model import ModelState
+from .proxy import ChildConnector
+from .scheduler import Scheduler
+from .settings import Settings
+from .systemd import Notifier
+from .watcher import Watcher
+
+log = logging.getLogger(__name__)
+
+DEBOUNCE = 0.25  # seconds: a copy or an editor's save is a burst of events, worth one rescan
+SETTLE = 1.0  # seconds a new GGUF must stay unchanged before it is offered
+
+
+class Router:
+    def __init__(self, settings: Settings, reload_settings: Callable[[], Settings] | None = None):
+        """Raises ConfigError for a bad presets file or child option, before anything starts."""
+        self.settings = settings
+        self._reload_settings = reload_settings or (lambda: settings)
+        self.presets, self.cli = read_presets(settings)
+        self.api_keys = settings.all_api_keys()
+        self.runtime_dir = settings.runtime_dir or Path(tempfile.mkdtemp(prefix="gguf-router-"))
+        self.discovery = Discovery(settings.models_dir, settings.hf_cache)
+        self.scheduler = Scheduler(create_launcher("process"), self.runtime_dir, settings.models_max)
+        self.session: aiohttp.ClientSession | None = None
+        self.notifier = Notifier()
+        self.watcher = Watcher(lambda: self.poke(False), lambda: self.poke(True))
+        self.config_error: str | None = None  # why the last reload was refused
+        self._lock = asyncio.Lock()
+        self._poke: asyncio.TimerHandle | None = None
+        self._poke_reread = False
+        self._warned: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    def status_line(self) -> str:
+        """What `systemctl status` shows, e.g. "2/4 models loaded: qwen (serving), llama3 (idle)"."""
+        running = [m for m in self.scheduler.models.values() if m.state is not ModelState.UNLOADED]
+        limit = self.settings.models_max or "unlimited"
+        loaded = sum(m.state is ModelState.LOADED for m in running)
+        parts = []
+        for m in sorted(running, key=lambda m: m.id):
+            what = m.state.value if m.state is not ModelState.LOADED else ("serving" if m.in_flight else "idle")
+            parts.append(f"{m.id} ({what})")
+        line = f"{loaded}/{limit} models loaded" + (": " + ", ".join(parts) if parts else "")
+        return f"{line}; config not reloaded: {self.config_error}" if self.config_error else line
+
+    async def report(self) -> None:
+        """Keeps systemd's STATUS= current and pets its watchdog, from the event loop itself,
+        so a loop that hangs stops both."""
+        interval = min(self.notifier.watchdog_interval or 1.0, 1.0)
+        while True:
+            self.notifier.status(self.status_line())
+            if self.notifier.watchdog_interval:
+                self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    # -- the model list, and reloading it ---------------------------------------------------
+
+    async def reload(self, reread_config: bool) -> None:
+        """Rescans the models (and with `reread_config` the config and presets files) and hands
+        the new list to the scheduler. All or nothing: raises ConfigError and keeps the last
+        good configuration if any file is bad."""
+        async with self._lock:
+            try:
+                await self._reload(reread_config)
+            except ConfigError as exc:
+                self.config_error = str(exc)
+                raise
+            if reread_config:
+                self.config_error = None
+
+    async def _reload(self, reread_config: bool) -> None:
+        settings, presets, cli, api_keys = self.settings, self.presets, self.cli, self.api_keys
+        discovery = self.discovery
+        if reread_config:
+            settings = self._reload_settings()
+            presets, cli = await asyncio.to_thread(read_presets, settings)
+            api_keys = settings.all_api_keys()
+            if (settings.models_dir, settings.hf_cache) != (discovery.models_dir, discovery.hf_cache):
+                discovery = Discovery(settings.models_dir, settings.hf_cache)
+            for name in ("host", "port", "runtime_dir"):
+                if getattr(settings, name) != getattr(self.settings, name):
+                    log.warning("%s changed in the config; it takes effect when the router restarts",
+                                name.replace("_", "-"))
+        catalog = await asyncio.to_thread(build, settings, discovery, presets, cli, self.runtime_dir)
+        watched_before = self._watched()
+        self.settings, self.presets, self.cli, self.api_keys = settings, presets, cli, api_keys
+        self.discovery = discovery
+        discovery.settle = SETTLE
+        self.scheduler.models_max = settings.models_max
+        self.scheduler.set_catalog(catalog.models)
+        for warning in catalog.warnings:
+            if warning not in self._warned:
+                self._warned.add(warning)
+                log.warning("%s", warning)
+        if self._watched() != watched_before:
+            self.watcher.watch(*self._watched())
+        if discovery.next_check is not None:
+            # A file still being written: look again once it may have settled.
+            asyncio.get_running_loop().call_later(discovery.next_check + 0.05, self.poke, False)
+
+    def _watched(self) -> tuple[list[Path], list[Path], list[Path]]:
+        settings = self.settings
+        main, _ = settings.preset_files()
+        models = [d for d in (settings.models_dir, settings.hf_cache) if d is not None and d.is_dir()]
+        files = [main] + ([settings.config] if settings.config else [])
+        dropins = [d for d in [main.with_suffix(".d")] if d.is_dir()]
+        return models, files, dropins
+
+    def poke(self, reread_config: bool) -> None:
+        """A file changed: reload soon, once per burst of changes."""
+        self._poke_reread |= reread_config
+        if self._poke is None:
+            self._poke = asyncio.get_running_loop().call_later(DEBOUNCE, self._spawn, self._reload_after_poke)
+
+    async def _reload_after_poke(self) -> None:
+        self._poke, reread, self._poke_reread = None, self._poke_reread, False
+        try:
+            await self.reload(reread)
+        except ConfigError as exc:
+            log.error("config not reloaded, the last good one stays in use: %s", exc)
+
+    async def reload_on_signal(self) -> None:
+        """SIGHUP (systemctl reload): tells systemd while it reloads, as Type=notify-reload expects."""
+        now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={now_usec}")
+        log.info("SIGHUP: reloading the config, presets and models")
+        try:
+            await self.reload(True)
+        except ConfigError as exc:
+            log.error("config not reloaded, the last good one stays in use: %s", exc)
+        self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+
+    def _spawn(self, factory: Callable) -> None:
+        task = asyncio.get_running_loop().create_task(factory())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- life -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # No total timeout: a generation may stream for as long as the client reads it.
+        self.session = aiohttp.ClientSession(
+            connector=ChildConnector(self.runtime_dir),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+            auto_decompress=False,
+        )
+        await self.reload(False)
+        self.watcher.watch(*self._watched())
+        models = list(self.scheduler.models.values())
+        invalid = sum(1 for m in models if m.file.error)
+        log.info("found %d models (%d not usable) in %s%s", len(models), invalid,
+                 self.settings.models_dir or "no models dir",
+                 f" and the Hugging Face cache {self.settings.hf_cache}" if self.settings.hf_cache else "")
+        for model in models:
+            if model.config.load_on_startup:
+                try:
+                    self.scheduler.load(model.id)
+                except RouterError as exc:
+                    log.error("model %s: not loaded at startup: %s", model.id, exc)
+
+    async def stop(self) -> None:
+        self.notifier.notify("STOPPING=1")
+        self.watcher.stop()
+        await self.scheduler.close()
+        if self.session is not None:
+            await self.session.close()

@@ -1,0 +1,65 @@
+"""Tells the router, on its event loop, when model files or config files change (inotify, via watchdog).
+
+Only changes count: the router's own header reads open files too, and counting those would make
+every rescan trigger the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Callable
+
+from watchdog.events import (EVENT_TYPE_CLOSED, EVENT_TYPE_CREATED, EVENT_TYPE_DELETED, EVENT_TYPE_MODIFIED,
+                             EVENT_TYPE_MOVED, FileSystemEvent, FileSystemEventHandler)
+from watchdog.observers import Observer
+
+log = logging.getLogger(__name__)
+
+CHANGES = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_DELETED, EVENT_TYPE_MODIFIED, EVENT_TYPE_MOVED, EVENT_TYPE_CLOSED})
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, loop: asyncio.AbstractEventLoop, wanted: Callable[[str], bool], callback: Callable[[], None]):
+        self.loop, self.wanted, self.callback = loop, wanted, callback
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type not in CHANGES:
+            return
+        paths = [str(event.src_path), str(getattr(event, "dest_path", "") or "")]
+        if event.is_directory or any(p and self.wanted(p) for p in paths):
+            self.loop.call_soon_threadsafe(self.callback)
+
+
+class Watcher:
+    def __init__(self, on_models: Callable[[], None], on_config: Callable[[], None]):
+        self.on_models, self.on_config = on_models, on_config
+        self._observer = None
+
+    def watch(self, model_dirs: list[Path], config_files: list[Path], config_dirs: list[Path]) -> None:
+        """(Re)starts watching: model folders recursively for GGUF files, the config files, and
+        the drop-in folders for *.ini."""
+        self.stop()
+        loop = asyncio.get_running_loop()
+        observer = Observer()
+        models = _Handler(loop, lambda p: p.endswith(".gguf"), self.on_models)
+        for folder in model_dirs:
+            if folder.is_dir():
+                observer.schedule(models, str(folder), recursive=True)
+        names = {str(f) for f in config_files}
+        dropins = {str(d) for d in config_dirs}
+        config = _Handler(loop, lambda p: p in names or (str(Path(p).parent) in dropins and p.endswith(".ini")),
+                          self.on_config)
+        for folder in sorted({f.parent for f in config_files} | set(config_dirs)):
+            if folder.is_dir():
+                observer.schedule(config, str(folder), recursive=False)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
