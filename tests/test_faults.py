@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import gguf
@@ -28,12 +29,35 @@ def test_child_killed_mid_stream_ends_the_stream_with_an_error_and_restarts_next
     assert "data: [DONE]" not in rest
     error = json.loads(rest[-1][6:])["error"]
     assert error["code"] == 502 and "tiny-a" in error["message"]
-    r.wait_for(lambda: r.models()["tiny-a"]["status"].get("failed"), what="tiny-a marked failed")
-    status = r.models()["tiny-a"]["status"]
+    status = r.wait_for(lambda: (st := r.models()["tiny-a"]["status"]).get("failed") and st, what="tiny-a failed")
     assert status["value"] == "unloaded" and status["exit_code"] == -signal.SIGKILL
-    assert status["error"] == "crashed" and status["log_tail"]
-    # the other model never noticed; the crashed one comes back on the next request
+    assert status["error"] == "crashed" and status["log_tail"] and status["crashes"] == 1
+    # the other model never noticed; the crashed one comes back by itself
     assert r.state("tiny-b") == "loaded"
+    r.wait_for(lambda: r.state("tiny-a") == "loaded", what="tiny-a restarted after its crash")
+
+
+def test_a_crash_loop_ends_in_failed_with_the_reason_and_a_load_revives_it(start_router):
+    r = start_router()
+    assert r.http.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
+    delays = []
+    for crash in range(1, 6):
+        kill_child(r, "tiny-a")
+        status = r.wait_for(lambda: (st := r.models()["tiny-a"]["status"]).get("crashes") == crash and st,
+                            what=f"crash {crash} recorded")
+        if crash < 5:
+            delays.append(status["restart_in"])
+            # a request meanwhile waits for the restart instead of failing
+            assert r.http.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
+    assert delays == sorted(delays) and delays[-1] > delays[0]  # backoff grows
+    assert "crashed 5 times" in status["error"] and "restart_in" not in status
+    time.sleep(1)
+    assert r.children() == []  # given up: no restart
+    refused = r.http.post("/v1/chat/completions", json=chat("tiny-a"))
+    assert refused.status_code == 503 and "crashed 5 times" in refused.json()["error"]["message"]
+    assert r.http.post("/v1/chat/completions", json=chat("tiny-b")).status_code == 200
+    assert r.http.post("/models/load", json={"model": "tiny-a"}).json() == {"success": True}
+    r.wait_for(lambda: r.state("tiny-a") == "loaded", what="tiny-a loaded again on request")
     assert r.http.post("/v1/chat/completions", json=chat("tiny-b")).status_code == 200
     assert r.http.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
     assert "failed" not in r.models()["tiny-a"]["status"]

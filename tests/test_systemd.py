@@ -23,7 +23,7 @@ def test_socket_activation_readiness_status_watchdog_and_stopping(llama_server, 
     env = {**os.environ, "NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "600000"}
     log = open(tmp_path / "router.log", "wb")
     proc = subprocess.Popen(
-        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=http",
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-l", str(tmp_path / "http.sock"), "--fdname=http:local",
          "-E", "NOTIFY_SOCKET", "-E", "WATCHDOG_USEC",
          sys.executable, "-m", "gguf_router", "--models-dir", str(models_dir), "--llama-server", str(llama_server)],
         env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -41,6 +41,10 @@ def test_socket_activation_readiness_status_watchdog_and_stopping(llama_server, 
             assert http.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
             notify.wait_for(lambda m: m == "STATUS=1/4 models loaded: tiny-a (idle)")
             notify.wait_for(lambda m: m == "WATCHDOG=1")
+            # the second socket systemd passed (a unix socket) serves too
+            local = httpx.HTTPTransport(uds=str(tmp_path / "http.sock"))
+            with httpx.Client(transport=local, base_url="http://router", timeout=60) as over_unix:
+                assert over_unix.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
             child = next(p for p in psutil.Process(proc.pid).children() if "llama-server" in p.name())
             child_env = child.environ()
             assert "NOTIFY_SOCKET" not in child_env and "LISTEN_FDS" not in child_env

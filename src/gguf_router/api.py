@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from sanic import Blueprint, Request
 from sanic.response import JSONResponse, json as json_response
@@ -50,7 +51,10 @@ def model_entry(model: Model) -> dict:
         status["progress"] = model.progress
     elif model.state is ModelState.UNLOADED and model.last_exit and model.last_exit.failed:
         last = model.last_exit
-        status.update(exit_code=last.code, failed=True, error=last.reason, log_tail=list(last.log_tail))
+        status.update(exit_code=last.code, failed=True, error=model.gave_up or last.reason,
+                      crashes=len(model.crashes), log_tail=list(last.log_tail))
+        if model.restart_at is not None:
+            status["restart_in"] = round(max(model.restart_at - time.time(), 0.0), 1)
     if model.state is ModelState.LOADED:
         status["in_flight"] = model.in_flight
     try:

@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     if settings.models_dir is not None and not settings.models_dir.is_dir():
         fail(f"--models-dir {settings.models_dir} is not a folder")
 
+    from sanic import Sanic
+
     from .app import create_app
     from .systemd import listen_sockets
 
@@ -147,10 +149,11 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(exc))
     run = dict(single_process=True, access_log=False, motd=False)
     if sockets:
-        if len(sockets) > 1:
-            log.warning("systemd passed %d sockets; serving the first, %s", len(sockets), sockets[0].getsockname())
-        log.info("listening on %s (socket activation)", sockets[0].getsockname())
-        app.run(sock=sockets[0], **run)
+        # Every socket the unit lists (TCP, IPv6, unix ...), one app serving them all.
+        for sock in sockets:
+            log.info("listening on %s (socket activation)", sock.getsockname() or "an unnamed socket")
+            app.prepare(sock=sock, **run)
+        Sanic.serve_single(app)
     else:
         log.info("listening on http://%s:%d", settings.host, settings.port)
         app.run(host=settings.host, port=settings.port, **run)

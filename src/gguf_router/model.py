@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from .catalog import ModelConfig
+from .crashes import CrashHistory
 from .discovery import ModelFile
 from .launchers import Child
 
@@ -42,7 +43,7 @@ class Exit:
     """How the last child of a model ended."""
 
     code: int | None
-    reason: str  # "unloaded", "evicted", "crashed", "failed to start"
+    reason: str  # "unloaded", "evicted", "crashed", "killed: out of memory", "failed to start"
     failed: bool
     log_tail: tuple[str, ...] = ()
     at: float = field(default_factory=time.time)
@@ -67,6 +68,10 @@ class Model:
         self.generation = 0  # counts launches, so each child gets its own connection pool
         self.stop_reason: str | None = None
         self.runner: asyncio.Task | None = None
+        self.crashes = CrashHistory()
+        self.restart_at: float | None = None  # wall time of a restart after a crash, while waiting
+        self.restart_timer: asyncio.TimerHandle | None = None
+        self.gave_up: str | None = None  # why a crashing model is no longer restarted
         self._changed: asyncio.Future | None = None
 
     @property

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from .catalog import ModelConfig, socket_path
+from .crashes import WINDOW
 from .errors import RouterError, model_not_found
 from .launchers import LaunchError, Launcher, LaunchSpec
 from .model import HOLDS_SLOT, Exit, Model, ModelState
@@ -70,6 +71,9 @@ class Scheduler:
                 continue
             changed = (config.argv, config.file.stamp) != (model.argv, model.file.stamp)
             model.config, model.removed = config, False
+            if changed:
+                model.crashes.reset()  # new options may well fix what crashed it
+                model.gave_up = None
             if changed and model.state in (S.LOADING, S.LOADED) and not model.restart:
                 log.info("model %s: its options or file changed; restarting it once idle", model_id)
                 model.restart = True
@@ -77,6 +81,7 @@ class Scheduler:
             model = self.models[model_id]
             if self._queue.get(model_id) is model:
                 self._dequeue(model, "its file or preset was removed")
+            self._cancel_restart(model, "its file or preset was removed")
             if model.state is S.UNLOADED:
                 del self.models[model_id]
             elif not model.removed:
@@ -103,6 +108,9 @@ class Scheduler:
             if model.pending is None:
                 if model.removed:
                     raise model_not_found(model.id)
+                if model.gave_up:
+                    tail = model.last_exit.log_tail if model.last_exit else ()
+                    raise RouterError(503, f"model '{model.id}' failed: {model.gave_up}{_last_line(tail)}")
                 if not autoload:
                     raise RouterError(400, "model is not loaded")
                 self._enqueue(model)
@@ -127,13 +135,20 @@ class Scheduler:
         if model.state in HOLDS_SLOT and model.state is not S.UNLOADING:
             raise RouterError(400, "model is already running")
         model.pinned = True
-        if model.pending is None:
+        model.gave_up = None
+        model.crashes.reset()
+        if model.restart_timer is not None:  # no need to wait out the backoff when asked
+            self._restart_after_crash(model)
+        elif model.pending is None:
             self._enqueue(model)
 
     def unload(self, model_id: str) -> None:
         model = self.get(model_id)
         if self._queue.get(model.id) is model:
             self._dequeue(model, "unloaded before it got a slot")
+            return
+        if model.restart_timer is not None:
+            self._cancel_restart(model, "unloaded while waiting to restart after a crash")
             return
         if model.state not in (S.LOADING, S.LOADED):
             raise RouterError(400, "model is not running")
@@ -144,6 +159,8 @@ class Scheduler:
         self._closing = True
         for model in list(self._queue.values()):
             self._dequeue(model, "the router is stopping")
+        for model in self.models.values():
+            self._cancel_restart(model, "the router is stopping")
         for model in self.models.values():
             if model.state in (S.LOADING, S.LOADED):
                 self._stop(model, "unloaded")
@@ -255,8 +272,39 @@ class Scheduler:
         if model.state is S.UNLOADING:
             self._ended(model, Exit(code, model.stop_reason, failed=False))
         else:
-            log.error("model %s: llama-server exited unexpectedly with code %s", model.id, code)
-            self._ended(model, Exit(code, "crashed", True, child.log_tail()))
+            reason = "killed: out of memory" if getattr(child, "oom_killed", False) else "crashed"
+            log.error("model %s: llama-server %s (exit code %s)", model.id, reason, code)
+            self._ended(model, Exit(code, reason, True, child.log_tail()))
+            self._after_crash(model)
+
+    def _after_crash(self, model: Model) -> None:
+        """Brings a crashed model back after a growing delay; requests wait for that restart."""
+        if self._closing or model.removed or model.pending is not None:
+            return
+        delay = model.crashes.record(time.monotonic())
+        if delay is None:
+            model.gave_up = f"crashed {len(model.crashes)} times in {WINDOW:.0f} s; not restarted until loaded again"
+            log.error("model %s: %s", model.id, model.gave_up)
+            return
+        log.warning("model %s: restarting in %.0f s (crash %d in %.0f s)", model.id, delay, len(model.crashes), WINDOW)
+        loop = asyncio.get_running_loop()
+        model.pending = loop.create_future()
+        model.pinned = True
+        model.restart_at = time.time() + delay
+        model.restart_timer = loop.call_later(delay, self._restart_after_crash, model)
+
+    def _restart_after_crash(self, model: Model) -> None:
+        model.restart_timer.cancel()
+        model.restart_timer = model.restart_at = None
+        self._queue[model.id] = model  # its pending future already holds the waiting requests
+        self._pump()
+
+    def _cancel_restart(self, model: Model, why: str) -> None:
+        if model.restart_timer is not None:
+            model.restart_timer.cancel()
+            model.restart_timer = model.restart_at = None
+            model.pinned = False
+            self._settle(model, RouterError(503, f"model '{model.id}' was not restarted: {why}"))
 
     def _ended(self, model: Model, exit: Exit, error: RouterError | None = None) -> None:
         model.child = None
