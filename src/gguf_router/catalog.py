@@ -28,6 +28,8 @@ class ModelConfig:
     load_on_startup: bool = False
     stop_timeout: float = 10.0
     preset_text: str = ""
+    environment: tuple[str, ...] = ()
+    limits: tuple[tuple[str, str], ...] = ()  # systemd properties for the model's unit
 
     @property
     def id(self) -> str:
@@ -54,6 +56,22 @@ def read_presets(settings: Settings) -> tuple[Presets, Section]:
     return presets, parse_child_args(settings.child_args, table)
 
 
+GiB = 1 << 30
+UNIT_LIMITS = {"memory-max": "MemoryMax", "memory-high": "MemoryHigh", "cpu-quota": "CPUQuota",
+               "allowed-cpus": "AllowedCPUs"}
+
+
+def unit_limits(file: ModelFile, router: dict) -> tuple[tuple[str, str], ...]:
+    """The unit's resource limits; without memory-max, the weights plus half again and 1 GiB for
+    the KV cache and buffers, with MemoryHigh (reclaim pressure before a kill) at 90 % of it."""
+    limits = {prop: router[key] for key, prop in UNIT_LIMITS.items() if key in router}
+    if "MemoryMax" not in limits:
+        size = file.stamp[0]
+        limits["MemoryMax"] = str(int(size * 1.5) + GiB)
+        limits.setdefault("MemoryHigh", str(int((size * 1.5 + GiB) * 0.9)))
+    return tuple(limits.items())
+
+
 def _preset_text(model_id: str, file: ModelFile, section: Section) -> str:
     lines = [f"[{model_id}]", f"model = {file.path}"]
     lines += [f"{flag.lstrip('-')} = {value}" for flag, (_, value, _) in section.options.items()]
@@ -74,7 +92,9 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
         path = Path(section.model.text).expanduser()
         if not path.is_absolute():
             path = (settings.models_dir or section.model.path.parent) / path
-        files[name] = discovery.describe(name, path, "preset", None)
+        described = discovery.describe(name, path, "preset", None)
+        if described is not None:
+            files[name] = described
 
     models: dict[str, ModelConfig] = {}
     for model_id, file in files.items():
@@ -88,7 +108,8 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
         router = {key: parsed for key, (parsed, _) in effective.router.items()}
         models[model_id] = ModelConfig(
             file, tuple(argv), router.get("alias", ()), router.get("load-on-startup", False),
-            router.get("stop-timeout", settings.stop_timeout), _preset_text(model_id, file, effective))
+            router.get("stop-timeout", settings.stop_timeout), _preset_text(model_id, file, effective),
+            router.get("environment", ()), unit_limits(file, router))
     _check_aliases(models, presets, warnings)
     return Catalog(models, presets, tuple(warnings))
 

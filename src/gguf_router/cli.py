@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
                    help="require this key (Bearer or X-Api-Key) on every endpoint but /health; repeatable or comma-separated")
     p.add_argument("--api-key-file", type=Path, help="file of API keys, one per line")
     p.add_argument("--llama-server", type=Path, help="the llama-server binary the models run in")
+    p.add_argument("--launcher", choices=("auto", "process", "systemd"),
+                   help="how models run: systemd = a transient unit each (memory limits, own journal); "
+                        "process = child processes; auto (default) = systemd when started by systemd")
     p.add_argument("--stop-timeout", type=float, help="seconds a child gets to exit before it is killed (default 10)")
     p.add_argument("--log-level", help="debug, info, warning or error (default info)")
     return p

@@ -9,6 +9,8 @@ Precedence for a child's options: router command line > [model] > [*].
 
 from __future__ import annotations
 
+import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,11 +35,36 @@ def _names(value: Value, key: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in value.text.split(",") if n.strip())
 
 
+def _matching(pattern: str, explain: str) -> Callable[[Value, str], str]:
+    def check(value: Value, key: str) -> str:
+        if not re.fullmatch(pattern, value.text, re.IGNORECASE):
+            raise ConfigError(value.where, f"{key} = {value.text!r}: {explain}")
+        return value.text
+    return check
+
+
+def _environment(value: Value, key: str) -> tuple[str, ...]:
+    items = tuple(shlex.split(value.text))
+    for item in items:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", item):
+            raise ConfigError(value.where, f"{key}: {item!r} is not VAR=value")
+    return items
+
+
+_MEMORY = _matching(r"\d+(\.\d+)?[KMGT]?|\d+(\.\d+)?%|infinity", "a size like 512M, 8G or 50% (of RAM), or infinity")
+
+
 # Keys the router reads itself; they never reach llama-server's command line.
 ROUTER_KEYS: dict[str, Callable[[Value, str], Any]] = {
     "load-on-startup": parse_bool,
     "stop-timeout": _positive_seconds,
     "alias": _names,
+    # systemd launcher: the model unit's resource limits; `environment` reaches either launcher.
+    "memory-max": _MEMORY,
+    "memory-high": _MEMORY,
+    "cpu-quota": _matching(r"\d+%", "a percentage of one CPU, like 150%"),
+    "allowed-cpus": _matching(r"\d+(-\d+)?([ ,]\d+(-\d+)?)*", "CPU numbers and ranges, like 0-3,6"),
+    "environment": _environment,
 }
 # llama-server options the router sets for each child; in a preset they would break routing.
 RESERVED = frozenset({"--host", "--port", "--alias", "--model", "--models-dir", "--models-max", "--models-preset",

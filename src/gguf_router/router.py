@@ -38,7 +38,8 @@ class Router:
         self.api_keys = settings.all_api_keys()
         self.runtime_dir = settings.runtime_dir or Path(tempfile.mkdtemp(prefix="gguf-router-"))
         self.discovery = Discovery(settings.models_dir, settings.hf_cache)
-        self.scheduler = Scheduler(create_launcher("process"), self.runtime_dir, settings.models_max)
+        self.scheduler = Scheduler(create_launcher(settings.launcher, self.runtime_dir), self.runtime_dir,
+                                   settings.models_max)
         self.session: aiohttp.ClientSession | None = None
         self.notifier = Notifier()
         self.watcher = Watcher(lambda: self.poke(False), lambda: self.poke(True))
@@ -164,6 +165,7 @@ class Router:
             auto_decompress=False,
         )
         await self.reload(False)
+        await self.scheduler.adopt()
         self.watcher.watch(*self._watched())
         models = list(self.scheduler.models.values())
         invalid = sum(1 for m in models if m.file.error)

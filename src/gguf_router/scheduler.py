@@ -23,7 +23,7 @@ from typing import Callable
 from .catalog import ModelConfig, socket_path
 from .crashes import WINDOW
 from .errors import RouterError, model_not_found
-from .launchers import LaunchError, Launcher, LaunchSpec
+from .launchers import Child, LaunchError, Launcher, LaunchSpec
 from .model import HOLDS_SLOT, Exit, Model, ModelState
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,11 @@ class Scheduler:
 
     def socket_for(self, model_id: str) -> Path:
         return socket_path(self.runtime_dir, model_id)
+
+    def spec_for(self, model: Model) -> LaunchSpec:
+        config = model.config
+        return LaunchSpec(model.id, config.argv, self.socket_for(model.id), config.stop_timeout,
+                          config.environment, dict(config.limits))
 
     # -- the model list -------------------------------------------------------------------
 
@@ -154,15 +159,36 @@ class Scheduler:
             raise RouterError(400, "model is not running")
         self._stop(model, "unloaded")
 
+    async def adopt(self) -> None:
+        """Serves the children an earlier router left running (systemd units), without reloading them."""
+        expected = {m.id: self.spec_for(m) for m in self.models.values() if not m.file.error}
+        try:
+            children = await self.launcher.adopt(expected)
+        except LaunchError as exc:
+            log.error("running models of an earlier router not looked for: %s", exc)
+            return
+        for model_id, child in children.items():
+            model = self.models[model_id]
+            if model.state is not S.UNLOADED or not self._has_free_slot():
+                await child.stop(model.config.stop_timeout)
+                continue
+            model.set_state(S.LOADING, f"found running as pid {child.pid}")
+            model.generation += 1
+            model.runner = self._spawn(self._serve(model, child, "adopted, not reloaded"))
+
     async def close(self) -> None:
-        """Stops every child; used at shutdown."""
+        """At shutdown: stops every child, or leaves them running if they outlive the router."""
         self._closing = True
         for model in list(self._queue.values()):
             self._dequeue(model, "the router is stopping")
         for model in self.models.values():
             self._cancel_restart(model, "the router is stopping")
+        if self.launcher.outlives_router:
+            # Units keep serving while the router restarts or is upgraded; the next one adopts them.
+            for task in self._tasks:
+                task.cancel()
         for model in self.models.values():
-            if model.state in (S.LOADING, S.LOADED):
+            if model.state in (S.LOADING, S.LOADED) and not self.launcher.outlives_router:
                 self._stop(model, "unloaded")
         if self._tasks:
             longest = max((m.config.stop_timeout for m in self.models.values()), default=10.0)
@@ -251,7 +277,7 @@ class Scheduler:
 
     async def _run(self, model: Model) -> None:
         """One child's life: start, serve until it exits, record how it ended."""
-        spec = LaunchSpec(model.id, model.argv, self.socket_for(model.id), model.config.stop_timeout)
+        spec = self.spec_for(model)
         started = time.monotonic()
         try:
             child = await self.launcher.start(spec, self._on_progress(model))
@@ -262,9 +288,13 @@ class Scheduler:
             self._ended(model, Exit(exc.exit_code, "failed to start", True, exc.log_tail),
                         RouterError(503, f"model '{model.id}' failed to load: {exc}{_last_line(exc.log_tail)}"))
             return
+        await self._serve(model, child, f"ready in {time.monotonic() - started:.3f} s, pid {child.pid}")
+
+    async def _serve(self, model: Model, child: Child, how: str) -> None:
+        """A ready child's life: serve until it exits, then record how it ended."""
         model.child = child
         model.loaded_info = child.info
-        model.set_state(S.LOADED, f"ready in {time.monotonic() - started:.3f} s, pid {child.pid}")
+        model.set_state(S.LOADED, how)
         model.last_used = time.monotonic()
         self._settle(model)
         self._retire_if_idle(model)

@@ -11,7 +11,7 @@ import contextvars
 import os
 import shutil
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     api_key_file: Path | None = None  # one key per line; keeps keys out of a world-readable file
     llama_server: Path = Field(default_factory=default_llama_server)
     child_args: tuple[str, ...] = ()
+    # auto: a transient systemd unit per model when started by systemd, else a child process.
+    launcher: Literal["auto", "process", "systemd"] = "auto"
     stop_timeout: float = Field(10.0, gt=0)
     hf_cache: Path | None = Field(default_factory=default_hf_cache)
     runtime_dir: Path | None = Field(default_factory=systemd_runtime_dir)

@@ -6,9 +6,16 @@ scheduler never knows whether it is a plain process or a systemd unit.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
+
+
+# Variables meant for the router alone: a child (or systemd-run) must not answer systemd in its name.
+ROUTER_ONLY_ENV = frozenset({"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC",
+                             "WATCHDOG_PID"})
 
 
 @dataclass(frozen=True)
@@ -17,6 +24,10 @@ class LaunchSpec:
     argv: tuple[str, ...]
     socket: Path  # the child listens here (llama-server --host PATH.sock)
     stop_timeout: float
+    environment: tuple[str, ...] = ()  # VAR=value for the child (CUDA_VISIBLE_DEVICES=1 ...)
+    # systemd resource properties (MemoryMax, MemoryHigh, CPUQuota, AllowedCPUs); only a
+    # systemd unit can enforce them, so the process launcher ignores them.
+    limits: dict[str, str] = field(default_factory=dict)
 
 
 class LaunchError(Exception):
@@ -47,15 +58,34 @@ ProgressCallback = Callable[[float], None]
 
 
 class Launcher(Protocol):
+    outlives_router: bool  # its children keep running when the router stops (systemd units)
+
     async def start(self, spec: LaunchSpec, progress: ProgressCallback) -> Child:
         """Returns a ready child; raises LaunchError. Cancelling it kills the child."""
 
+    async def adopt(self, expected: dict[str, LaunchSpec]) -> dict[str, Child]:
+        """Children still running from an earlier router whose spec matches, by model id."""
 
-def create_launcher(name: str) -> Launcher:
+
+def systemd_available() -> bool:
+    """Whether a service manager of ours is there: the system one for root, else our user's own
+    (running, or about to start because the user is lingering)."""
+    if not os.path.isdir("/run/systemd/system"):
+        return False
+    if os.getuid() == 0 or os.path.exists(f"/run/user/{os.getuid()}/systemd/private"):
+        return True
+    import pwd
+
+    return os.path.exists(f"/var/lib/systemd/linger/{pwd.getpwuid(os.getuid()).pw_name}")
+
+
+def create_launcher(name: str, runtime_dir: Path) -> Launcher:
+    """`auto`: a systemd unit per model when started by systemd with a manager to ask, else processes."""
     from .process import ProcessLauncher
+    from .systemd import SystemdLauncher
 
-    launchers = {"process": ProcessLauncher}
-    try:
-        return launchers[name]()
-    except KeyError:
-        raise ValueError(f"unknown launcher {name!r}: one of {', '.join(launchers)}") from None
+    if name == "auto":
+        name = "systemd" if "INVOCATION_ID" in os.environ and systemd_available() else "process"
+    if name == "systemd":
+        return SystemdLauncher(runtime_dir)
+    return ProcessLauncher()

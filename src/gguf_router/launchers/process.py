@@ -18,15 +18,13 @@ import logging
 import os
 import signal
 
-from . import Child, LaunchError, LaunchSpec, ProgressCallback
+from . import ROUTER_ONLY_ENV, Child, LaunchError, LaunchSpec, ProgressCallback
 
 log = logging.getLogger("gguf_router.child")
 
 STATE_PREFIX = b"cmd_child_to_router:state:"
 EXIT_COMMAND = b"cmd_router_to_child:exit\n"
 _PR_SET_PDEATHSIG = 1
-# Variables meant for the router alone: a child must not answer systemd in its name.
-_ROUTER_ONLY_ENV = ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 def _die_with_parent() -> None:
@@ -35,8 +33,9 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def child_environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _ROUTER_ONLY_ENV}
+def child_environment(spec: LaunchSpec) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ROUTER_ONLY_ENV}
+    env.update(item.split("=", 1) for item in spec.environment)
     env["LLAMA_SERVER_ROUTER_PORT"] = "0"  # turns on the child protocol; the value is unused
     return env
 
@@ -120,6 +119,11 @@ class ProcessChild:
 
 
 class ProcessLauncher:
+    outlives_router = False
+
+    async def adopt(self, expected: dict[str, LaunchSpec]) -> dict[str, Child]:
+        return {}  # children die with the router that started them
+
     async def start(self, spec: LaunchSpec, progress: ProgressCallback) -> Child:
         with contextlib.suppress(FileNotFoundError):
             spec.socket.unlink()  # left by a child that was killed
@@ -129,7 +133,7 @@ class ProcessLauncher:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
-                env=child_environment(),
+                env=child_environment(spec),
                 # Own process group: a Ctrl-C in the router's terminal reaches the router only,
                 # which then stops the children in order.
                 start_new_session=True,

@@ -1,0 +1,247 @@
+"""Runs each llama-server as a transient systemd service: its own cgroup, memory limit and journal.
+
+The units belong to the router's own service manager: the system manager when the router runs
+as root, otherwise the router user's own manager (user@UID.service, kept running by
+`loginctl enable-linger`), which needs no privilege at all. A unit outlives the router, so a
+restarted router finds its models still loaded (`adopt`). Readiness is the child's /health
+answering on its unix socket; the end of a child is its pidfd becoming readable, and how it
+ended is written by the unit's ExecStopPost (exitreport.py), which also tells an OOM kill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from . import ROUTER_ONLY_ENV, Child, LaunchError, LaunchSpec, ProgressCallback
+
+log = logging.getLogger("gguf_router.child")
+
+UNIT_PREFIX = "gguf-router-model-"
+POLL_FIRST, POLL_MAX = 0.005, 0.1  # /health polling while loading: fast at first, then calmer
+
+
+def unit_name(model_id: str) -> str:
+    """A valid, fixed unit name per model id: a readable part plus a hash that keeps it unique."""
+    readable = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_id)[:48].strip("-.")
+    return f"{UNIT_PREFIX}{readable}-{hashlib.sha1(model_id.encode()).hexdigest()[:8]}.service"
+
+
+def argv_digest(argv: tuple[str, ...]) -> str:
+    return hashlib.sha1("\0".join(argv).encode()).hexdigest()[:16]
+
+
+async def http_get(socket: Path, path: str, timeout: float = 5) -> tuple[int, bytes]:
+    """A tiny HTTP/1.0 GET over a unix socket: enough to ask a child whether it is ready."""
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(socket)), timeout)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: child\r\n\r\n".encode())
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+class SystemdChild:
+    def __init__(self, launcher: "SystemdLauncher", spec_id: str, unit: str, socket: Path, pid: int):
+        self.launcher = launcher
+        self.model_id = spec_id
+        self.unit = unit
+        self.socket = socket
+        self.pid = pid
+        self.info: dict = {}
+        self.oom_killed = False
+        self._tail: tuple[str, ...] = ()
+        self._exit = asyncio.get_running_loop().create_task(self._wait_exit())
+
+    @property
+    def exit_file(self) -> Path:
+        return self.socket.with_suffix(".exit")
+
+    async def _wait_exit(self) -> int:
+        await self.launcher.process_gone(self.pid)
+        self._tail = await self.launcher.journal_tail(self.unit)
+        report = None
+        for _ in range(200):  # ExecStopPost runs right after the main process is gone
+            with contextlib.suppress(OSError, ValueError):
+                report = json.loads(self.exit_file.read_text())
+                break
+            await asyncio.sleep(0.025)
+        if report is None:
+            log.warning("%s: unit %s left no exit report", self.model_id, self.unit)
+            return -1
+        self.oom_killed = report["result"] == "oom-kill" or report["oom_kills"] > 0
+        if report["code"] == "exited":
+            return int(report["status"] or 0)
+        with contextlib.suppress(ValueError, AttributeError):
+            return -int(getattr(signal, "SIG" + report["status"]))
+        return -1
+
+    async def ready(self, progress: ProgressCallback) -> None:
+        delay = POLL_FIRST
+        while not self._exit.done():
+            with contextlib.suppress(OSError, asyncio.TimeoutError, ValueError, IndexError):
+                status, body = await http_get(self.socket, "/health")
+                if status == 200:
+                    status, body = await http_get(self.socket, "/v1/models")
+                    data = json.loads(body).get("data") or [{}]
+                    self.info = data[0] if isinstance(data[0], dict) else {}
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, POLL_MAX)
+        code = self._exit.result()
+        raise LaunchError(f"llama-server exited with code {code} while loading", code, self.log_tail())
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exit)
+
+    async def stop(self, timeout: float) -> int:
+        if not self._exit.done():
+            # systemd sends SIGTERM and, after the unit's TimeoutStopSec, SIGKILL to the whole cgroup.
+            await self.launcher.systemctl("stop", "--no-block", self.unit)
+        return await asyncio.shield(self._exit)
+
+    def log_tail(self) -> tuple[str, ...]:
+        return self._tail
+
+
+class SystemdLauncher:
+    outlives_router = True
+
+    def __init__(self, runtime_dir: Path, user: bool | None = None):
+        self.runtime_dir = runtime_dir
+        self.user = os.getuid() != 0 if user is None else user
+        self._env = {k: v for k, v in os.environ.items() if k not in ROUTER_ONLY_ENV}
+        if self.user:
+            self._env.setdefault("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
+        self._scope = ["--user"] if self.user else []
+        self._manager_up = not self.user
+
+    async def _wait_for_manager(self) -> None:
+        """At boot the router may be asked before its lingering user manager is up: wait for it."""
+        private = Path(self._env["XDG_RUNTIME_DIR"]) / "systemd" / "private"
+        for attempt in range(600):
+            if private.exists():
+                self._manager_up = True
+                return
+            if attempt == 0:
+                log.info("waiting for the user service manager (%s)", private)
+            await asyncio.sleep(0.1)
+        raise LaunchError(f"no user service manager at {private}: is `loginctl enable-linger` set for this user?")
+
+    async def _run(self, *cmd: str) -> tuple[int, str]:
+        if not self._manager_up:
+            await self._wait_for_manager()
+        proc = await asyncio.create_subprocess_exec(*cmd, env=self._env, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT)
+        out, _ = await proc.communicate()
+        return proc.returncode, out.decode(errors="replace").strip()
+
+    async def systemctl(self, *args: str) -> tuple[int, str]:
+        return await self._run("systemctl", *self._scope, *args)
+
+    async def show(self, unit: str, *props: str) -> dict[str, str]:
+        _, out = await self.systemctl("show", unit, *(f"--property={p}" for p in props))
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    async def journal_tail(self, unit: str) -> tuple[str, ...]:
+        """The unit's last log lines (the router's user reads the journal as a member of systemd-journal)."""
+        # --user-unit would also match the reader's own uid: name the field, so root reads it too.
+        match = f"_SYSTEMD_USER_UNIT={unit}" if self.user else f"--unit={unit}"
+        code, out = await self._run("journalctl", match, "-n", "20", "-o", "cat", "--no-pager", "-q")
+        return tuple(line for line in out.splitlines() if line.strip()) if code == 0 else ()
+
+    async def process_gone(self, pid: int) -> None:
+        """Returns once `pid` has exited, without polling and without being its parent."""
+        if pid <= 0:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        loop = asyncio.get_running_loop()
+        gone = loop.create_future()
+        loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+        try:
+            await gone
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+    def _properties(self, spec: LaunchSpec) -> list[str]:
+        unit = unit_name(spec.model_id)
+        exit_file = spec.socket.with_suffix(".exit")
+        props = [
+            f"Description=gguf-router model {spec.model_id}",
+            f"Environment=GGUF_ROUTER_MODEL={spec.model_id}",
+            f"Environment=GGUF_ROUTER_ARGV={argv_digest(spec.argv)}",
+            "KillMode=control-group",
+            f"TimeoutStopSec={max(1, round(spec.stop_timeout))}",
+            # The child reads its model and writes only its socket; it never needs more.
+            "NoNewPrivileges=yes",
+            "PrivateTmp=yes",
+            "ProtectSystem=strict",
+            "ProtectHome=read-only",
+            f"ReadWritePaths={self.runtime_dir}",
+            f"ExecStopPost={sys.executable} -m gguf_router.launchers.exitreport {exit_file} {unit}",
+        ]
+        props += [f"{key}={value}" for key, value in spec.limits.items()]
+        props += [f"Environment={item}" for item in spec.environment]
+        return props
+
+    async def start(self, spec: LaunchSpec, progress: ProgressCallback) -> Child:
+        unit = unit_name(spec.model_id)
+        for stale in (spec.socket, spec.socket.with_suffix(".exit")):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        # A unit left failed by an earlier router (or one still stopping) would block the name.
+        await self.systemctl("reset-failed", unit)
+        cmd = ["systemd-run", *self._scope, "--quiet", "--collect", "--service-type=exec", f"--unit={unit}"]
+        cmd += [f"--property={p}" for p in self._properties(spec)]
+        code, out = await self._run(*cmd, "--", *spec.argv)
+        if code != 0:
+            raise LaunchError(f"systemd-run could not start {unit}: {out}", code)
+        pid = int((await self.show(unit, "MainPID")).get("MainPID") or 0)
+        log.info("%s: started unit %s, llama-server pid %d", spec.model_id, unit, pid)
+        child = SystemdChild(self, spec.model_id, unit, spec.socket, pid)
+        try:
+            await child.ready(progress)
+        except BaseException:
+            await child.stop(timeout=0)
+            raise
+        return child
+
+    async def adopt(self, expected: dict[str, LaunchSpec]) -> dict[str, Child]:
+        """Children an earlier router left running: kept when their model still exists with the same
+        command line and they answer; stopped otherwise."""
+        code, out = await self.systemctl("list-units", "--plain", "--no-legend", "--state=active",
+                                         f"{UNIT_PREFIX}*")
+        adopted: dict[str, Child] = {}
+        for line in out.splitlines() if code == 0 else []:
+            unit = line.split()[0]
+            props = await self.show(unit, "Environment", "MainPID")
+            env = dict(item.split("=", 1) for item in props.get("Environment", "").split() if "=" in item)
+            spec = expected.get(env.get("GGUF_ROUTER_MODEL", ""))
+            pid = int(props.get("MainPID") or 0)
+            if spec is None or unit != unit_name(spec.model_id) or env.get("GGUF_ROUTER_ARGV") != argv_digest(spec.argv):
+                log.info("stopping unit %s: its model is gone or its options changed", unit)
+                await self.systemctl("stop", "--no-block", unit)
+                continue
+            child = SystemdChild(self, spec.model_id, unit, spec.socket, pid)
+            try:
+                await asyncio.wait_for(child.ready(lambda _: None), 10)
+            except (LaunchError, asyncio.TimeoutError):
+                log.warning("stopping unit %s: it does not answer on %s", unit, spec.socket)
+                await child.stop(0)
+                continue
+            log.info("%s: adopted running unit %s (pid %d)", spec.model_id, unit, pid)
+            adopted[spec.model_id] = child
+        return adopted

@@ -1,0 +1,120 @@
+"""The systemd launcher against a real systemd: PID 1 of a Debian 12 container (tests/nspawn.py).
+
+The first test runs the router as the package does: the unit files of systemd/, its own user
+`gguf-router`, models as units of that user's lingering service manager. The container's cgroups
+are v1 for memory, where only the system manager can enforce MemoryMax; so the test of an
+enforced memory limit runs the router as root, whose units belong to the system manager.
+"""
+
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+import nspawn
+from conftest import chat, free_port
+
+pytestmark = pytest.mark.skipif(nspawn.available() is not None, reason=str(nspawn.available()))
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_PYTHON = Path(__import__("sys").executable)
+
+
+@pytest.fixture
+def container(tmp_path, models_dir, llama_server):
+    share = tmp_path / "share"
+    (share / "models").mkdir(parents=True)
+    for model in models_dir.glob("*.gguf"):
+        shutil.copy(model, share / "models")
+    (share / "empty.conf").touch()
+    (share / "presets.ini").touch()
+    box = nspawn.Container(f"gr{free_port()}", share, [llama_server.parent.parent, VENV_PYTHON.parent.parent])
+    yield box
+    box.stop()
+
+
+def router_argv(llama_server, *extra: str) -> str:
+    return " ".join([str(VENV_PYTHON), "-m", "gguf_router", "--models-dir", "/share/models",
+                     "--llama-server", str(llama_server), "--config", "/share/empty.conf",
+                     "--models-preset", "/share/presets.ini", *extra])
+
+
+def models(http):
+    return {m["id"]: m["status"] for m in http.get("/models").json()["data"]}
+
+
+def test_packaged_units_socket_activation_model_units_restart_and_adoption(container, llama_server):
+    port = free_port()
+    c = container
+    c.run("useradd", "--system", "--home-dir", "/var/lib/gguf-router", "--no-create-home",
+          "--shell", "/usr/sbin/nologin", "gguf-router")
+    c.run("loginctl", "enable-linger", "gguf-router")
+    for unit in ("gguf-router.socket", "gguf-router.service"):
+        c.run("cp", str(REPO / "systemd" / unit), "/etc/systemd/system/")
+    c.run("sh", "-c", f"""mkdir -p /etc/systemd/system/gguf-router.service.d /etc/systemd/system/gguf-router.socket.d
+printf '[Service]\\nExecStart=\\nExecStart={router_argv(llama_server)}\\n' > /etc/systemd/system/gguf-router.service.d/test.conf
+printf '[Socket]\\nListenStream=\\nListenStream=127.0.0.1:{port}\\n' > /etc/systemd/system/gguf-router.socket.d/test.conf
+systemctl daemon-reload""")
+    c.run("systemctl", "start", "gguf-router.socket")
+    assert c.run("systemctl", "is-active", "gguf-router.service", check=False).strip() == "inactive"
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        # the first connection starts the router, which starts tiny-a as a unit of its user manager
+        assert http.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
+        assert c.run("systemctl", "is-active", "gguf-router.service").strip() == "active"
+        units = c.run("systemctl", "--user", "list-units", "--plain", "--no-legend", "gguf-router-model-*",
+                      user="gguf-router")
+        unit = units.split()[0]
+        assert unit.startswith("gguf-router-model-tiny-a-") and "active running" in units
+        shown = c.run("systemctl", "--user", "show", unit, "-p", "MainPID", "-p", "MemoryMax", "-p",
+                      "NoNewPrivileges", user="gguf-router")
+        props = dict(line.split("=", 1) for line in shown.split())
+        assert int(props["MemoryMax"]) > 1 << 30 and props["NoNewPrivileges"] == "yes"
+        pid = int(props["MainPID"])
+        c.wait_for(lambda: "1/4 models loaded: tiny-a (idle)" in c.run("systemctl", "show", "-p", "StatusText",
+                                                                         "gguf-router"), what="STATUS= line")
+        assert "llama_server: model loaded" in c.run("journalctl", f"_SYSTEMD_USER_UNIT={unit}", "-o", "cat")
+
+        # kill -9 of the model: the router restarts it (a new process in the same unit name)
+        c.run("kill", "-9", str(pid))
+        status = c.wait_for(lambda: (s := models(http)["tiny-a"]).get("failed") and s, what="crash seen")
+        assert status["error"] == "crashed" and status["exit_code"] == -9 and "restart_in" in status
+        c.wait_for(lambda: models(http)["tiny-a"]["value"] == "loaded", what="tiny-a restarted")
+        assert http.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
+        pid = int(c.run("systemctl", "--user", "show", unit, "-p", "MainPID", "--value", user="gguf-router"))
+
+        # a restarted router finds the unit again and serves it without reloading it
+        c.run("systemctl", "restart", "gguf-router.service")
+        assert http.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
+        assert int(c.run("systemctl", "--user", "show", unit, "-p", "MainPID", "--value", user="gguf-router")) == pid
+        assert "adopted, not reloaded" in c.run("journalctl", "-u", "gguf-router", "-o", "cat")
+
+
+def test_a_model_over_its_memory_limit_is_killed_alone_and_reported_as_oom(container):
+    port = free_port()
+    c = container
+    (c.share / "presets.ini").write_text("[tiny-a]\nmemory-max = 64M\n")
+    fake = REPO / "tests" / "fake_llama_server.py"
+    c.run("systemd-run", "--unit=gguf-router-test", "-p", "Type=notify", "-p", "RuntimeDirectory=gguf-router",
+          *router_argv(fake, "--launcher", "systemd", "--host", "127.0.0.1", "--port", str(port)).split())
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        assert http.post("/v1/chat/completions", json=chat("tiny-b")).json()["choices"][0]["message"]["content"] == "ok"
+        assert http.post("/models/load", json={"model": "tiny-a"}).status_code == 200
+        c.wait_for(lambda: models(http)["tiny-a"]["value"] == "loaded", what="tiny-a loaded")
+        unit_b = next(line.split()[0] for line in c.run("systemctl", "list-units", "--plain", "--no-legend",
+                                                         "gguf-router-model-tiny-b-*").splitlines())
+        pid_b = c.run("systemctl", "show", unit_b, "-p", "MainPID", "--value").strip()
+        unit_a = "/system.slice/gguf-router-model-tiny-a-*"
+        limit = c.run("sh", "-c", f"cat /sys/fs/cgroup/memory{unit_a}/memory.limit_in_bytes 2>/dev/null"
+                                  f" || cat /sys/fs/cgroup{unit_a}/memory.max")
+        assert int(limit) == 64 << 20  # the limit is in the kernel, not only in systemd's table
+        reply = http.post("/v1/chat/completions", json=chat("tiny-a", content="allocate"))
+        assert reply.status_code == 502
+        status = c.wait_for(lambda: (s := models(http)["tiny-a"]).get("failed") and s, what="OOM seen")
+        assert status["error"] == "killed: out of memory" and status["exit_code"] == -9
+        # only that model: the other one and the router go on
+        assert c.run("systemctl", "show", unit_b, "-p", "MainPID", "--value").strip() == pid_b
+        assert http.post("/v1/chat/completions", json=chat("tiny-b")).status_code == 200
+        assert c.run("systemctl", "is-active", "gguf-router-test").strip() == "active"
+        assert "llama-server killed: out of memory" in c.run("journalctl", "-u", "gguf-router-test", "-o", "cat")
