@@ -16,6 +16,7 @@ import pytest
 
 from gguf_router.settings import BUILT_LLAMA_SERVER
 from gguf_router.tinymodels import write_tiny_model
+from waiting import wait_for
 
 # A context this long lets one request keep a model busy for seconds (see long_completion).
 TINY_CONTEXT = 16384
@@ -116,13 +117,7 @@ class RouterProcess:
         raise AssertionError(f"no llama-server for {model_id}")
 
     def wait_for(self, predicate, timeout: float = 30, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}; router log:\n{self.log()[-4000:]}")
+        return wait_for(predicate, timeout, what, context=lambda: f"; router log:\n{self.log()[-4000:]}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:

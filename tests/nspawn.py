@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from waiting import wait_for
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -97,13 +99,7 @@ class Container:
         raise RuntimeError(f"the container's systemd is {state!r} after {timeout} s")
 
     def wait_for(self, predicate, timeout: float = 30, what: str = "condition"):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}")
+        return wait_for(predicate, timeout, what, interval=0.1)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

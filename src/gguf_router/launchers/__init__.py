@@ -6,6 +6,7 @@ scheduler never knows whether it is a plain process or a systemd unit.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 from dataclasses import dataclass, field
@@ -55,6 +56,19 @@ class Child(Protocol):
 
 
 ProgressCallback = Callable[[float], None]
+
+
+class ChildExit:
+    """What both kinds of child share: a task that ends with the exit code."""
+
+    _exit: "asyncio.Task[int]"
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exit)
+
+    def load_failed(self) -> LaunchError:
+        code = self._exit.result()
+        return LaunchError(f"llama-server exited with code {code} while loading", code, self.log_tail())
 
 
 class Launcher(Protocol):

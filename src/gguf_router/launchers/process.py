@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 
-from . import ROUTER_ONLY_ENV, Child, LaunchError, LaunchSpec, ProgressCallback
+from . import ROUTER_ONLY_ENV, Child, ChildExit, LaunchError, LaunchSpec, ProgressCallback
 
 log = logging.getLogger("gguf_router.child")
 
@@ -40,7 +40,7 @@ def child_environment(spec: LaunchSpec) -> dict[str, str]:
     return env
 
 
-class ProcessChild:
+class ProcessChild(ChildExit):
     def __init__(self, spec: LaunchSpec, proc: asyncio.subprocess.Process):
         self.spec = spec
         self.proc = proc
@@ -93,11 +93,7 @@ class ProcessChild:
         self._progress = progress
         done, _ = await asyncio.wait({self._ready, self._exit}, return_when=asyncio.FIRST_COMPLETED)
         if self._ready not in done:
-            code = self._exit.result()
-            raise LaunchError(f"llama-server exited with code {code} while loading", code, self.log_tail())
-
-    async def wait(self) -> int:
-        return await asyncio.shield(self._exit)
+            raise self.load_failed()
 
     async def stop(self, timeout: float) -> int:
         if not self._exit.done():

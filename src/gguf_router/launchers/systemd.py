@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import ROUTER_ONLY_ENV, Child, LaunchError, LaunchSpec, ProgressCallback
+from . import ROUTER_ONLY_ENV, Child, ChildExit, LaunchError, LaunchSpec, ProgressCallback
 
 log = logging.getLogger("gguf_router.child")
 
@@ -50,7 +50,7 @@ async def http_get(socket: Path, path: str, timeout: float = 5) -> tuple[int, by
     return int(head.split(b" ", 2)[1]), body
 
 
-class SystemdChild:
+class SystemdChild(ChildExit):
     def __init__(self, launcher: "SystemdLauncher", spec_id: str, unit: str, socket: Path, pid: int):
         self.launcher = launcher
         self.model_id = spec_id
@@ -97,11 +97,7 @@ class SystemdChild:
                     return
             await asyncio.sleep(delay)
             delay = min(delay * 2, POLL_MAX)
-        code = self._exit.result()
-        raise LaunchError(f"llama-server exited with code {code} while loading", code, self.log_tail())
-
-    async def wait(self) -> int:
-        return await asyncio.shield(self._exit)
+        raise self.load_failed()
 
     async def stop(self, timeout: float) -> int:
         if not self._exit.done():
