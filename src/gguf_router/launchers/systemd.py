@@ -34,6 +34,10 @@ def unit_name(model_id: str) -> str:
     return f"{UNIT_PREFIX}{readable}-{hashlib.sha1(model_id.encode()).hexdigest()[:8]}.service"
 
 
+def _in_tmp(path: Path) -> bool:
+    return path.is_relative_to("/tmp") or path.is_relative_to("/var/tmp")
+
+
 def argv_digest(argv: tuple[str, ...]) -> str:
     return hashlib.sha1("\0".join(argv).encode()).hexdigest()[:16]
 
@@ -186,9 +190,14 @@ class SystemdLauncher:
             "PrivateTmp=yes",
             "ProtectSystem=strict",
             "ProtectHome=read-only",
-            f"ReadWritePaths={self.runtime_dir}",
             f"ExecStopPost={sys.executable} -m gguf_router.launchers.exitreport {exit_file} {unit}",
         ]
+        # PrivateTmp hides /tmp: what the unit needs from there (a checkout, a test's files, the
+        # sockets' folder) is bound back in.
+        props.append(f"{'BindPaths' if _in_tmp(self.runtime_dir) else 'ReadWritePaths'}={self.runtime_dir}")
+        needed = {Path(sys.prefix), Path(__file__).resolve().parents[2]}
+        needed |= {Path(arg) for arg in spec.argv if arg.startswith("/") and Path(arg).exists()}
+        props += [f"BindReadOnlyPaths={path}" for path in sorted(needed) if _in_tmp(path)]
         props += [f"{key}={value}" for key, value in spec.limits.items()]
         props += [f"Environment={item}" for item in spec.environment]
         return props
