@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -11,6 +12,7 @@ from sanic.response import JSONResponse, json as json_response
 from . import __version__
 from .errors import RouterError, bad_request
 from .ini import ConfigError
+from .metrics import child_memory
 from .model import Model, ModelState
 
 bp = Blueprint("api")
@@ -57,6 +59,10 @@ def model_entry(model: Model) -> dict:
             status["restart_in"] = round(max(model.restart_at - time.time(), 0.0), 1)
     if model.state is ModelState.LOADED:
         status["in_flight"] = model.in_flight
+        status["idle_seconds"] = 0 if model.in_flight else round(time.monotonic() - model.last_used, 1)
+        status["memory_bytes"] = child_memory(model)
+    if model.child is not None and getattr(model.child, "unit", None):
+        status["unit"] = model.child.unit
     try:
         created = int(file.path.stat().st_mtime)
     except OSError:
@@ -92,6 +98,44 @@ async def list_models(request: Request) -> JSONResponse:
         await reload_router(router)
     models = sorted((m for m in router.scheduler.models.values() if not m.removed), key=lambda m: m.id)
     return json_response({"data": [model_entry(m) for m in models], "object": "list"})
+
+
+async def model_events(request: Request):
+    """llama.cpp's live event stream; a comment every 15 s keeps idle connections open."""
+    response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    events = request.app.ctx.router.events.subscribe()
+    next_event = None
+    try:
+        while True:
+            next_event = next_event or asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({next_event}, timeout=15)
+            if not done:
+                await response.send(": keep-alive\n\n")
+                continue
+            message, next_event = next_event.result(), None
+            await response.send(f"data: {json.dumps(message)}\n\n")
+    finally:
+        if next_event is not None:
+            next_event.cancel()
+        await events.aclose()
+
+
+async def model_logs(request: Request) -> JSONResponse:
+    """A model's recent llama-server log: from the router's memory for a child process, from the
+    journal for a unit; `total` counts every line so far, so `gguf-router logs -f` prints only new ones."""
+    router = request.app.ctx.router
+    model = router.scheduler.get(model_field({"model": request.args.get("model")}))
+    child = model.child
+    unit = getattr(child, "unit", None)
+    if unit:
+        launcher = router.scheduler.launcher
+        lines = list(await launcher.journal_tail(unit))
+        return json_response({"model": model.id, "unit": unit, "journal_match": launcher.journal_match(unit),
+                              "lines": lines, "total": None})
+    if child is not None:
+        return json_response({"model": model.id, "lines": list(child.history), "total": child.logged})
+    lines = list(model.last_exit.log_tail) if model.last_exit else []
+    return json_response({"model": model.id, "lines": lines, "total": len(lines)})
 
 
 async def reload_router(router) -> None:
@@ -148,3 +192,5 @@ add_routes(bp, list_models, "GET", "/models", "/v1/models")
 add_routes(bp, load_model, "POST", "/models/load")
 add_routes(bp, unload_model, "POST", "/models/unload")
 add_routes(bp, reload_models, "POST", "/models/reload")
+add_routes(bp, model_events, "GET", "/models/sse")
+add_routes(bp, model_logs, "GET", "/models/logs")

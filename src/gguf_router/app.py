@@ -51,6 +51,13 @@ def check_api_key(request: Request):
     return None
 
 
+def count_request(request: Request, response) -> None:
+    """Requests answered, by model, endpoint and status, for /metrics."""
+    route = request.route.path if request.route else "unmatched"
+    model = getattr(request.ctx, "model_id", "")
+    request.app.ctx.router.request_counts[(model, "/" + route.lstrip("/"), response.status)] += 1
+
+
 def create_app(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> Sanic:
     """Raises ConfigError (bad presets or child options) before anything starts."""
     app = Sanic("gguf_router", configure_logging=False, error_handler=OpenAIErrorHandler())
@@ -60,6 +67,7 @@ def create_app(settings: Settings, reload_settings: Callable[[], Settings] | Non
     app.config.NOISY_EXCEPTIONS = False
     app.ctx.router = Router(settings, reload_settings)
     app.on_request(check_api_key)
+    app.on_response(count_request)
     app.blueprint(api.bp)
     app.blueprint(routing.bp)
 

@@ -101,7 +101,8 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
         section = presets.for_model(model_id)
         effective = Section({**section.options, **cli.options}, section.router, section.model)
         argv = [str(settings.llama_server), *to_argv(effective),
-                "--host", str(socket_path(runtime_dir, model_id)), "--alias", model_id,
+                # --metrics: the router's /metrics includes each loaded child's own figures.
+                "--host", str(socket_path(runtime_dir, model_id)), "--alias", model_id, "--metrics",
                 "--model", str(file.path)]
         if file.mmproj and "--mmproj" not in effective.options:
             argv += ["--mmproj", str(file.mmproj)]

@@ -16,6 +16,7 @@ from .settings import Settings, load_settings
 USAGE = """\
 gguf-router [ROUTER OPTIONS] [LLAMA-SERVER OPTIONS...]
        gguf-router check-config [ROUTER OPTIONS] [LLAMA-SERVER OPTIONS...]
+       gguf-router ps | load MODEL | unload MODEL | logs MODEL [-f]
        gguf-router demo-models DIR
 
 Routes OpenAI API requests, by their "model" field, to one llama-server per model.
@@ -116,6 +117,13 @@ def check_config(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in ("ps", "load", "unload", "logs"):
+        from .control import main as control
+
+        try:
+            return control(argv[0], argv[1:], load_settings)
+        except ConfigError as exc:
+            fail(str(exc))
     if argv[:1] == ["check-config"]:
         return check_config(argv[1:])
     if argv[:1] == ["demo-models"]:

@@ -7,6 +7,7 @@ import enum
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .catalog import ModelConfig
 from .crashes import CrashHistory
@@ -49,9 +50,23 @@ class Exit:
     at: float = field(default_factory=time.time)
 
 
+@dataclass
+class Stats:
+    """Counters since the router started, for /metrics."""
+
+    loads: int = 0
+    load_seconds: float = 0.0
+    evictions: int = 0
+    crashes: int = 0
+    oom_kills: int = 0
+    restarts: int = 0
+
+
 class Model:
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, on_change: Callable[["Model"], None] | None = None):
         self.config = config
+        self.on_change = on_change  # told after every state change (live events)
+        self.stats = Stats()
         self.removed = False  # its file or preset is gone: stopped once idle, then forgotten
         self.restart = False  # its options changed while running: restarted once idle
         self.state = S.UNLOADED
@@ -97,6 +112,8 @@ class Model:
         self.state = new
         if new is not S.LOADING:
             self.progress = None
+        if self.on_change is not None:
+            self.on_change(self)
         if self._changed is not None and not self._changed.done():
             self._changed.set_result(new)
         self._changed = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import tempfile
 import time
@@ -13,6 +14,7 @@ import aiohttp
 
 from .catalog import build, read_presets
 from .discovery import Discovery
+from .events import Events
 from .errors import RouterError
 from .ini import ConfigError
 from .launchers import create_launcher
@@ -38,8 +40,11 @@ class Router:
         self.api_keys = settings.all_api_keys()
         self.runtime_dir = settings.runtime_dir or Path(tempfile.mkdtemp(prefix="gguf-router-"))
         self.discovery = Discovery(settings.models_dir, settings.hf_cache)
+        self.events = Events()
         self.scheduler = Scheduler(create_launcher(settings.launcher, self.runtime_dir), self.runtime_dir,
-                                   settings.models_max)
+                                   settings.models_max, self.events)
+        # (model, endpoint, status) -> requests answered, for /metrics
+        self.request_counts: collections.Counter = collections.Counter()
         self.session: aiohttp.ClientSession | None = None
         self.notifier = Notifier()
         self.watcher = Watcher(lambda: self.poke(False), lambda: self.poke(True))
@@ -111,6 +116,8 @@ class Router:
             if warning not in self._warned:
                 self._warned.add(warning)
                 log.warning("%s", warning)
+        if reread_config:
+            self.events.publish("models_reload", "*")
         if self._watched() != watched_before:
             self.watcher.watch(*self._watched())
         if discovery.next_check is not None:

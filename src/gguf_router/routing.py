@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from sanic import Blueprint, Request
+from sanic.response import raw
 
 from .api import add_routes, json_body, model_field, router_props
 from .errors import bad_request
+from .metrics import render as render_metrics
 from .proxy import forward
 
 bp = Blueprint("routing")
@@ -23,7 +25,7 @@ POST_BY_BODY = (
     "/tokenize", "/detokenize", "/apply-template", "/props", "/lora-adapters",
 )
 # And those that name it in the query string.
-GET_BY_QUERY = ("/slots", "/metrics", "/lora-adapters")
+GET_BY_QUERY = ("/slots", "/lora-adapters")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -51,6 +53,7 @@ def query_model(request: Request) -> str:
 
 
 async def serve(request: Request, model_id: str):
+    request.ctx.model_id = model_id
     router = request.app.ctx.router
     model = await router.scheduler.acquire(model_id, autoload(request))
     try:
@@ -75,4 +78,12 @@ async def props(request: Request):
 
 add_routes(bp, post_by_body, "POST", *POST_BY_BODY, "/slots/<slot_id:int>")
 add_routes(bp, get_by_query, "GET", *GET_BY_QUERY)
+async def metrics(request: Request):
+    if not request.args.get("model"):
+        text = await render_metrics(request.app.ctx.router, request.app.ctx.router.request_counts)
+        return raw(text, content_type="text/plain; version=0.0.4; charset=utf-8")
+    return await serve(request, query_model(request))
+
+
 add_routes(bp, props, "GET", "/props")
+add_routes(bp, metrics, "GET", "/metrics")

@@ -22,6 +22,7 @@ from typing import Callable
 
 from .catalog import ModelConfig, socket_path
 from .crashes import WINDOW
+from .events import Events
 from .errors import RouterError, model_not_found
 from .launchers import Child, LaunchError, Launcher, LaunchSpec
 from .model import HOLDS_SLOT, Exit, Model, ModelState
@@ -32,8 +33,9 @@ RESTART = "restarting with new options"
 
 
 class Scheduler:
-    def __init__(self, launcher: Launcher, runtime_dir: Path, models_max: int):
+    def __init__(self, launcher: Launcher, runtime_dir: Path, models_max: int, events: Events | None = None):
         self.launcher = launcher
+        self.events = events or Events()
         self.runtime_dir = runtime_dir
         self.models_max = models_max
         self.models: dict[str, Model] = {}
@@ -72,7 +74,7 @@ class Scheduler:
         for model_id, config in configs.items():
             model = self.models.get(model_id)
             if model is None:
-                self.models[model_id] = Model(config)
+                self.models[model_id] = Model(config, self._publish)
                 continue
             changed = (config.argv, config.file.stamp) != (model.argv, model.file.stamp)
             model.config, model.removed = config, False
@@ -89,6 +91,7 @@ class Scheduler:
             self._cancel_restart(model, "its file or preset was removed")
             if model.state is S.UNLOADED:
                 del self.models[model_id]
+                self.events.publish("model_remove", model_id)
             elif not model.removed:
                 log.info("model %s: its file or preset is gone; stopping it once idle", model_id)
                 model.removed = True
@@ -240,7 +243,22 @@ class Scheduler:
             victims = [m for m in self.models.values() if m.idle]
             if not victims:
                 return
-            self._stop(min(victims, key=lambda m: m.last_used), "evicted")
+            victim = min(victims, key=lambda m: m.last_used)
+            victim.stats.evictions += 1
+            self._stop(victim, "evicted")
+
+    def _publish(self, model: Model) -> None:
+        """A `status_change` event, as llama.cpp's router sends it."""
+        data: dict = {"status": model.state.value}
+        if model.state is S.UNLOADED and model.last_exit is not None:
+            data["exit_code"] = model.last_exit.code
+            if model.last_exit.failed:
+                data["error"] = model.last_exit.reason
+        if model.state is S.LOADED and model.loaded_info:
+            data["info"] = model.loaded_info
+        if model.state is S.LOADING and model.progress is not None:
+            data["progress"] = {"value": model.progress}
+        self.events.publish("status_change", model.id, data)
 
     # -- effects --------------------------------------------------------------------------
 
@@ -273,6 +291,7 @@ class Scheduler:
         def progress(value: float) -> None:
             if model.state is S.LOADING:
                 model.progress = value
+                self._publish(model)
         return progress
 
     async def _run(self, model: Model) -> None:
@@ -288,6 +307,8 @@ class Scheduler:
             self._ended(model, Exit(exc.exit_code, "failed to start", True, exc.log_tail),
                         RouterError(503, f"model '{model.id}' failed to load: {exc}{_last_line(exc.log_tail)}"))
             return
+        model.stats.loads += 1
+        model.stats.load_seconds += time.monotonic() - started
         await self._serve(model, child, f"ready in {time.monotonic() - started:.3f} s, pid {child.pid}")
 
     async def _serve(self, model: Model, child: Child, how: str) -> None:
@@ -302,7 +323,10 @@ class Scheduler:
         if model.state is S.UNLOADING:
             self._ended(model, Exit(code, model.stop_reason, failed=False))
         else:
-            reason = "killed: out of memory" if getattr(child, "oom_killed", False) else "crashed"
+            oom = getattr(child, "oom_killed", False)
+            reason = "killed: out of memory" if oom else "crashed"
+            model.stats.crashes += 1
+            model.stats.oom_kills += oom
             log.error("model %s: llama-server %s (exit code %s)", model.id, reason, code)
             self._ended(model, Exit(code, reason, True, child.log_tail()))
             self._after_crash(model)
@@ -324,6 +348,7 @@ class Scheduler:
         model.restart_timer = loop.call_later(delay, self._restart_after_crash, model)
 
     def _restart_after_crash(self, model: Model) -> None:
+        model.stats.restarts += 1
         model.restart_timer.cancel()
         model.restart_timer = model.restart_at = None
         self._queue[model.id] = model  # its pending future already holds the waiting requests
@@ -345,6 +370,7 @@ class Scheduler:
         restart, model.restart = model.restart and exit.reason == RESTART, False
         if model.removed and self.models.get(model.id) is model:
             del self.models[model.id]
+            self.events.publish("model_remove", model.id)
         elif restart and not self._closing:
             model.pinned = True
             self._enqueue(model)

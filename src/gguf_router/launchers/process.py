@@ -47,7 +47,9 @@ class ProcessChild(ChildExit):
         self.socket = spec.socket
         self.pid = proc.pid
         self.info: dict = {}
-        self._tail: collections.deque[str] = collections.deque(maxlen=20)
+        # The last lines, for `gguf-router logs`; `logged` counts all, so a follower knows what is new.
+        self.history: collections.deque[str] = collections.deque(maxlen=500)
+        self.logged = 0
         self._ready = asyncio.get_running_loop().create_future()
         self._progress: ProgressCallback | None = None
         self._readers = [
@@ -80,7 +82,8 @@ class ProcessChild(ChildExit):
     def _log(self, raw: bytes) -> None:
         line = raw.decode("utf-8", errors="replace").rstrip()
         if line:
-            self._tail.append(line)
+            self.history.append(line)
+            self.logged += 1
             log.info("%s: %s", self.spec.model_id, line)
 
     async def _wait_exit(self) -> int:
@@ -111,7 +114,7 @@ class ProcessChild(ChildExit):
         return await asyncio.shield(self._exit)
 
     def log_tail(self) -> tuple[str, ...]:
-        return tuple(self._tail)
+        return tuple(self.history)[-20:]
 
 
 class ProcessLauncher:

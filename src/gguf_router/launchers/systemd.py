@@ -152,11 +152,13 @@ class SystemdLauncher:
         _, out = await self.systemctl("show", unit, *(f"--property={p}" for p in props))
         return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
+    def journal_match(self, unit: str) -> str:
+        # --user-unit would also match the reader's own uid: name the field, so root reads it too.
+        return f"_SYSTEMD_USER_UNIT={unit}" if self.user else f"--unit={unit}"
+
     async def journal_tail(self, unit: str) -> tuple[str, ...]:
         """The unit's last log lines (the router's user reads the journal as a member of systemd-journal)."""
-        # --user-unit would also match the reader's own uid: name the field, so root reads it too.
-        match = f"_SYSTEMD_USER_UNIT={unit}" if self.user else f"--unit={unit}"
-        code, out = await self._run("journalctl", match, "-n", "20", "-o", "cat", "--no-pager", "-q")
+        code, out = await self._run("journalctl", self.journal_match(unit), "-n", "20", "-o", "cat", "--no-pager", "-q")
         return tuple(line for line in out.splitlines() if line.strip()) if code == 0 else ()
 
     async def process_gone(self, pid: int) -> None:

@@ -1,0 +1,139 @@
+"""`gguf-router ps | load | unload | logs`: a running router, asked over its own HTTP API.
+
+The address and API key come from the same settings as the router's (config file, environment,
+options), so on a packaged machine `gguf-router ps` needs no arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+from .settings import Settings
+
+USAGE = """\
+gguf-router ps [--all]                 what is loaded: model, state, memory, idle for, unit
+gguf-router load MODEL                 load a model now
+gguf-router unload MODEL               unload it
+gguf-router logs MODEL [-f] [-n N]     its llama-server's log (-f: keep following)
+  common options: --url http://HOST:PORT (default from the config), --config FILE, --api-key KEY
+"""
+
+
+class RouterDown(Exception):
+    pass
+
+
+class Client:
+    def __init__(self, url: str, key: str | None):
+        self.url = url.rstrip("/")
+        self.key = key
+
+    def call(self, method: str, path: str, body: dict | None = None) -> dict:
+        request = urllib.request.Request(self.url + path, method=method,
+                                         data=json.dumps(body).encode() if body is not None else None,
+                                         headers={"Content-Type": "application/json"})
+        if self.key:
+            request.add_header("Authorization", f"Bearer {self.key}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                return json.load(reply)
+        except urllib.error.HTTPError as exc:
+            try:
+                message = json.load(exc)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = exc.reason
+            raise SystemExit(f"gguf-router: {message} (HTTP {exc.code})") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise RouterDown(f"no router answers at {self.url} ({reason}): is it running? "
+                             "(systemctl status gguf-router.socket)") from None
+
+
+def _size(value) -> str:
+    if not value:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+
+
+def _idle(status: dict) -> str:
+    if status.get("value") != "loaded":
+        return "-"
+    if status.get("in_flight"):
+        return f"serving {status['in_flight']}"
+    seconds = status.get("idle_seconds") or 0
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def ps(client: Client, show_all: bool) -> None:
+    rows = [("MODEL", "STATE", "MEMORY", "IDLE FOR", "UNIT")]
+    for entry in client.call("GET", "/models")["data"]:
+        status = entry["status"]
+        if not show_all and status["value"] in ("unloaded", "invalid") and not status.get("failed"):
+            continue
+        state = status["value"] + (f" ({status['error']})" if status.get("failed") and status.get("error") else "")
+        rows.append((entry["id"], state, _size(status.get("memory_bytes")), _idle(status), status.get("unit", "-")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def logs(client: Client, model: str, follow: bool, lines: int) -> None:
+    query = urllib.parse.urlencode({"model": model})
+    reply = client.call("GET", f"/models/logs?{query}")
+    if reply.get("unit") and shutil.which("journalctl"):
+        # A unit's log is in the journal: journalctl reads (and follows) it best.
+        argv = ["journalctl", reply["journal_match"], "-o", "cat", "-n", str(lines)] + (["-f"] if follow else [])
+        os.execvp("journalctl", argv)
+    shown = reply["total"] or 0
+    print("\n".join(reply["lines"][-lines:]))
+    while follow:
+        time.sleep(1)
+        reply = client.call("GET", f"/models/logs?{query}")
+        total = reply["total"] or 0
+        fresh = reply["lines"][-(total - shown):] if total > shown else []
+        if total < shown:  # a new child: its log starts over
+            fresh = reply["lines"]
+        if fresh:
+            print("\n".join(fresh), flush=True)
+        shown = total
+
+
+def main(command: str, argv: list[str], settings_for) -> None:
+    p = argparse.ArgumentParser(prog=f"gguf-router {command}", usage=USAGE)
+    p.add_argument("--url")
+    p.add_argument("--config")
+    p.add_argument("--api-key")
+    if command in ("load", "unload", "logs"):
+        p.add_argument("model")
+    if command == "ps":
+        p.add_argument("--all", action="store_true")
+    if command == "logs":
+        p.add_argument("-f", "--follow", action="store_true")
+        p.add_argument("-n", "--lines", type=int, default=50)
+    args = p.parse_args(argv)
+    settings: Settings = settings_for({"config": args.config} if args.config else {})
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    keys = settings.all_api_keys()
+    client = Client(args.url or f"http://{host}:{settings.port}", args.api_key or (keys[0] if keys else None))
+    try:
+        if command == "ps":
+            ps(client, args.all)
+        elif command in ("load", "unload"):
+            client.call("POST", f"/models/{command}", {"model": args.model})
+            print(f"{args.model}: {'loading' if command == 'load' else 'unloading'}")
+        else:
+            logs(client, args.model, args.follow, args.lines)
+    except RouterDown as exc:
+        raise SystemExit(f"gguf-router: {exc}") from None
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,137 @@
+"""`GET /metrics` in Prometheus' text format: the router's own figures, then each loaded child's
+llama-server metrics with a `model` label added.
+
+Scraping reads what is already known and asks only children that are loaded: it never loads a
+model, never counts as a use of one (LRU order stays as it was) and skips a child that is slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import defaultdict
+
+import aiohttp
+import psutil
+
+from .model import ModelState
+from .proxy import child_url
+
+CHILD_TIMEOUT = 2.0
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(.*)$")
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(**labels) -> str:
+    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}"
+
+
+class Family:
+    def __init__(self, name: str, kind: str, help: str):
+        self.name, self.kind, self.help = name, kind, help
+        self.samples: list[str] = []
+
+    def add(self, value, suffix: str = "", **labels) -> None:
+        self.samples.append(f"{self.name}{suffix}{_labels(**labels) if labels else ''} {value}")
+
+    def text(self) -> str:
+        return "\n".join([f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}", *self.samples])
+
+
+def child_memory(model) -> int | None:
+    """Resident memory of a loaded model's llama-server (its main process)."""
+    if model.child is None or not model.child.pid:
+        return None
+    try:
+        return psutil.Process(model.child.pid).memory_info().rss
+    except psutil.Error:
+        return None
+
+
+def router_families(router, request_counts: dict) -> list[Family]:
+    models = sorted(router.scheduler.models.values(), key=lambda m: m.id)
+    state = Family("gguf_router_model_state", "gauge", "1 for the state each model is in")
+    states = [s.value for s in ModelState] + ["invalid"]
+    counters = {
+        "loads": Family("gguf_router_model_loads_total", "counter", "llama-server starts that became ready"),
+        "evictions": Family("gguf_router_model_evictions_total", "counter", "unloads to make room (LRU)"),
+        "crashes": Family("gguf_router_model_crashes_total", "counter", "children that exited on their own"),
+        "oom_kills": Family("gguf_router_model_oom_kills_total", "counter", "children killed for memory"),
+        "restarts": Family("gguf_router_model_restarts_total", "counter", "restarts after a crash"),
+    }
+    load_seconds = Family("gguf_router_model_load_seconds", "summary", "time from start to ready")
+    in_flight = Family("gguf_router_requests_in_flight", "gauge", "requests being served, by model")
+    queued = Family("gguf_router_requests_queued", "gauge", "requests waiting for their model to load")
+    memory = Family("gguf_router_model_memory_bytes", "gauge", "resident memory of a loaded model's llama-server")
+    for m in models:
+        current = "invalid" if m.file.error else m.state.value
+        for value in states:
+            state.add(int(value == current), model=m.id, state=value)
+        for key, family in counters.items():
+            family.add(getattr(m.stats, key), model=m.id)
+        load_seconds.add(round(m.stats.load_seconds, 6), "_sum", model=m.id)
+        load_seconds.add(m.stats.loads, "_count", model=m.id)
+        in_flight.add(m.in_flight, model=m.id)
+        queued.add(m.waiters, model=m.id)
+        if m.state is ModelState.LOADED and (rss := child_memory(m)) is not None:
+            memory.add(rss, model=m.id)
+    requests = Family("gguf_router_requests_total", "counter", "requests answered, by model, endpoint and status")
+    for (model_id, endpoint, status), count in sorted(request_counts.items()):
+        requests.add(count, model=model_id, endpoint=endpoint, code=status)
+    process = psutil.Process()
+    with process.oneshot():
+        cpu = process.cpu_times()
+        own = [
+            ("process_resident_memory_bytes", "gauge", "the router's resident memory", process.memory_info().rss),
+            ("process_cpu_seconds_total", "counter", "the router's CPU time", round(cpu.user + cpu.system, 3)),
+            ("process_open_fds", "gauge", "the router's open file descriptors", process.num_fds()),
+            ("process_start_time_seconds", "gauge", "when the router started (unix time)", process.create_time()),
+        ]
+    families = [state, *counters.values(), load_seconds, in_flight, queued, memory, requests]
+    for name, kind, help, value in own:
+        family = Family(f"gguf_router_{name}", kind, help)
+        family.add(value)
+        families.append(family)
+    return families
+
+
+def relabel(text: str, model_id: str, families: dict[str, list[str]], headers: dict[str, list[str]]) -> None:
+    """Adds model="id" to every sample of a child's metrics, grouped by family."""
+    for line in text.splitlines():
+        if line.startswith("#"):
+            parts = line.split(None, 3)
+            if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                headers.setdefault(parts[2], [])
+                if not any(h.split(None, 3)[1] == parts[1] for h in headers[parts[2]]):
+                    headers[parts[2]].append(line)
+            continue
+        match = _SAMPLE.match(line)
+        if not match:
+            continue
+        name, labels, value = match.groups()
+        inner = labels[1:-1] if labels else ""
+        extra = f'model="{_escape(model_id)}"' + ("," + inner if inner else "")
+        families[name].append(f"{name}{{{extra}}} {value}")
+
+
+async def render(router, request_counts: dict) -> str:
+    parts = [family.text() for family in router_families(router, request_counts)]
+    loaded = [m for m in router.scheduler.models.values() if m.state is ModelState.LOADED]
+
+    async def scrape(model):
+        try:
+            async with router.session.get(child_url(model, "/metrics", ""), timeout=aiohttp.ClientTimeout(total=CHILD_TIMEOUT)) as reply:
+                return model.id, (await reply.text()) if reply.status == 200 else ""
+        except Exception:  # a slow or dying child is left out of this scrape, not the whole scrape
+            return model.id, ""
+
+    families: dict[str, list[str]] = defaultdict(list)
+    headers: dict[str, list[str]] = {}
+    for model_id, text in await asyncio.gather(*(scrape(m) for m in loaded)):
+        relabel(text, model_id, families, headers)
+    for name, samples in families.items():
+        parts.append("\n".join([*headers.get(name, []), *samples]))
+    return "\n".join(parts) + "\n"
