@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 import signal
+from pathlib import Path
 from typing import Callable
 
 from sanic import Request, Sanic
@@ -20,7 +21,8 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
+PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/"})
+WEB = Path(__file__).parent / "web"  # the page at /: static files, no build step
 
 
 class OpenAIErrorHandler(ErrorHandler):
@@ -42,7 +44,8 @@ class OpenAIErrorHandler(ErrorHandler):
 
 def check_api_key(request: Request):
     keys = request.app.ctx.router.api_keys
-    if not keys or request.path in PUBLIC_PATHS or request.method == "OPTIONS":
+    # The page itself holds nothing secret; what it fetches from the API asks for the key.
+    if not keys or request.path in PUBLIC_PATHS or request.path.startswith("/ui/") or request.method == "OPTIONS":
         return None
     auth = request.headers.get("authorization", "")
     given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
@@ -70,6 +73,8 @@ def create_app(settings: Settings, reload_settings: Callable[[], Settings] | Non
     app.on_response(count_request)
     app.blueprint(api.bp)
     app.blueprint(routing.bp)
+    app.static("/", WEB / "index.html", name="page")
+    app.static("/ui", WEB, name="page_files")
 
     @app.before_server_start
     async def start(app: Sanic) -> None:

@@ -61,10 +61,15 @@ class Discovery:
         self._listed: set[Path] = set()
         self.settle = 0.0  # seconds a new file must stay unchanged; 0 for the first scan
         self.next_check: float | None = None  # seconds until a settling file is due, after a scan
+        # Headers a scan may read before it lists the rest by stat alone (None: no limit), so a
+        # router with thousands of files serves at once; `unread` says a later scan must finish.
+        self.header_budget: int | None = None
+        self.unread = False
 
     def scan(self) -> dict[str, ModelFile]:
         """Blocking (stat and header reads): run it in a thread from async code."""
         self.next_check = None
+        self.unread = False
         found: dict[str, ModelFile | None] = {}
         if self.hf_cache is not None:
             for model_id, path, mmproj in self._scan_hf_cache(self.hf_cache):
@@ -89,6 +94,11 @@ class Discovery:
                 self.next_check = min(self.next_check or wait, wait)
                 return None
             cached = self._headers.get(path)
+            if self.header_budget is not None and (cached is None or cached[0] != key):
+                if self.header_budget <= 0:
+                    self.unread = True
+                    return ModelFile(model_id, path, source, mmproj, None, None, stamp)
+                self.header_budget -= 1
             if cached is None or cached[0] != key:
                 try:
                     info, error = read_info(path), None

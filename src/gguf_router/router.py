@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 DEBOUNCE = 0.25  # seconds: a copy or an editor's save is a burst of events, worth one rescan
 SETTLE = 1.0  # seconds a new GGUF must stay unchanged before it is offered
+STARTUP_HEADERS = 500  # headers read before serving (about 0.1 s); the rest right after
 
 
 class Router:
@@ -171,7 +172,14 @@ class Router:
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False,
         )
+        # A few hundred headers are read before serving; past that, files are listed by name and
+        # their headers read right after startup, so thousands of files cost no wait.
+        self.discovery.header_budget = STARTUP_HEADERS
         await self.reload(False)
+        self.discovery.header_budget = None
+        if self.discovery.unread:
+            log.info("listed models by name; reading the rest of their GGUF headers in the background")
+            self.poke(False)
         await self.scheduler.adopt()
         self.watcher.watch(*self._watched())
         models = list(self.scheduler.models.values())

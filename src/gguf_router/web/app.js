@@ -1,0 +1,134 @@
+// gguf-router's page: the model list (live, from /models/sse), load/unload, and a streamed chat.
+// Plain JavaScript, no build step, nothing from the network but this router.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let apiKey = localStorage.getItem("gguf-router-key") || "";
+
+async function api(path, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  if (apiKey) headers["Authorization"] = "Bearer " + apiKey;
+  const reply = await fetch(path, { ...options, headers });
+  if (reply.status === 401) {
+    $("key-form").hidden = false;
+    throw new Error("an API key is needed");
+  }
+  return reply;
+}
+
+function size(bytes) {
+  if (!bytes) return "";
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let i = 0;
+  while (bytes >= 1024 && i < units.length - 1) { bytes /= 1024; i++; }
+  return bytes.toFixed(i ? 1 : 0) + " " + units[i];
+}
+
+function describe(status) {
+  if (status.value === "loading" && status.progress !== undefined) return `loading ${Math.round(status.progress * 100)} %`;
+  if (status.value === "loaded" && status.in_flight) return `serving ${status.in_flight}`;
+  if (status.failed) return `${status.value}: ${status.error}` + (status.exit_code !== undefined ? ` (exit ${status.exit_code})` : "");
+  return status.value;
+}
+
+async function refresh() {
+  const models = (await (await api("/models")).json()).data;
+  const body = $("models").tBodies[0];
+  body.replaceChildren();
+  for (const m of models) {
+    const row = body.insertRow();
+    row.dataset.model = m.id;
+    row.insertCell().textContent = m.id;
+    const state = row.insertCell();
+    state.textContent = describe(m.status);
+    state.className = "state state-" + m.status.value + (m.status.failed ? " failed" : "");
+    row.insertCell().textContent = size(m.gguf && m.gguf.size);
+    row.insertCell().textContent = size(m.status.memory_bytes);
+    const running = ["loading", "loaded"].includes(m.status.value);
+    const button = document.createElement("button");
+    button.textContent = running ? "Unload" : "Load";
+    button.disabled = m.status.value === "invalid" || m.status.value === "unloading";
+    button.onclick = () => api(running ? "/models/unload" : "/models/load",
+      { method: "POST", body: JSON.stringify({ model: m.id }), headers: { "Content-Type": "application/json" } });
+    row.insertCell().append(button);
+  }
+  const loaded = models.filter((m) => m.status.value === "loaded").length;
+  $("summary").textContent = `${loaded} of ${models.length} models loaded`;
+  const picker = $("picker");
+  const chosen = picker.value;
+  picker.replaceChildren(...models.filter((m) => m.status.value !== "invalid").map((m) => new Option(m.id, m.id)));
+  if (chosen) picker.value = chosen;
+}
+
+// Reads an SSE response body (fetch, not EventSource: EventSource cannot send the API key).
+async function* sse(reply) {
+  const reader = reply.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      for (const line of block.split("\n")) if (line.startsWith("data: ")) yield line.slice(6);
+    }
+  }
+}
+
+async function follow() {
+  for (;;) {
+    try {
+      const reply = await api("/models/sse");
+      await refresh();
+      for await (const _ of sse(reply)) await refresh();
+    } catch (error) {
+      console.warn("event stream:", error.message);
+    }
+    await new Promise((r) => setTimeout(r, 2000));
+  }
+}
+
+$("chat").onsubmit = async (event) => {
+  event.preventDefault();
+  const out = $("reply");
+  out.textContent = "";
+  out.dataset.chunks = "0";
+  $("send").disabled = true;
+  try {
+    const reply = await api("/v1/chat/completions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model: $("picker").value, stream: true, max_tokens: 64,
+                             messages: [{ role: "user", content: $("prompt").value }] }),
+    });
+    if (!reply.ok) {
+      out.textContent = (await reply.json()).error.message;
+      return;
+    }
+    for await (const data of sse(reply)) {
+      if (data === "[DONE]") break;
+      const chunk = JSON.parse(data);
+      if (chunk.error) { out.textContent += "\n[" + chunk.error.message + "]"; break; }
+      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
+      if (delta && delta.content) {
+        out.textContent += delta.content;
+        out.dataset.chunks = String(Number(out.dataset.chunks) + 1);
+      }
+    }
+  } finally {
+    $("send").disabled = false;
+  }
+};
+
+$("key-form").onsubmit = (event) => {
+  event.preventDefault();
+  apiKey = $("key").value.trim();
+  localStorage.setItem("gguf-router-key", apiKey);
+  $("key-form").hidden = true;
+  refresh();
+};
+
+follow();

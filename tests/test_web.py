@@ -1,0 +1,66 @@
+"""The page at /, in headless Chromium (Debian's), driven by Playwright: list, load, chat, unload."""
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium")
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/dev installs it)")
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # The flags keep Chromium from reaching for Google's services, which this network refuses.
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1000, "height": 700})
+        yield page
+        browser.close()
+
+
+def state_of(page, model: str, state: str):
+    """The model's state cell once it says exactly `state` (not "unloaded" for "loaded")."""
+    return page.locator(f"tr[data-model='{model}'] td.state").filter(has_text=re.compile(f"^{state}$"))
+
+
+def test_the_page_lists_loads_chats_and_unloads_live_with_an_api_key(start_router, page):
+    router = start_router("--api-key", "page-key", "--models-max", "2")
+    router.http.headers["Authorization"] = "Bearer page-key"
+    page.goto(router.url + "/")
+    # without the key the page asks for it, then works with it
+    page.locator("#key-form").wait_for(state="visible")
+    page.fill("#key", "page-key")
+    page.click("#key-form button")
+    for model in ("tiny-a", "tiny-b", "tiny-c"):
+        state_of(page, model, "unloaded").wait_for()
+
+    page.click("tr[data-model='tiny-b'] button")  # Load
+    state_of(page, "tiny-b", "loaded").wait_for(timeout=30_000)
+    assert router.state("tiny-b") == "loaded"
+    assert "MiB" in page.locator("tr[data-model='tiny-b'] td").nth(3).inner_text()
+
+    page.select_option("#picker", "tiny-b")
+    page.fill("#prompt", "Tell me something")
+    page.click("#send")
+    page.wait_for_function("Number(document.getElementById('reply').dataset.chunks) >= 8")
+    page.locator("#send:enabled").wait_for()
+    assert page.inner_text("#reply").strip() != ""
+
+    # a load by someone else (the API) shows up live too
+    router.http.post("/models/load", json={"model": "tiny-c"})
+    state_of(page, "tiny-c", "loaded").wait_for(timeout=30_000)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
+
+    page.click("tr[data-model='tiny-b'] button")  # Unload
+    state_of(page, "tiny-b", "unloaded").wait_for(timeout=30_000)
+    assert router.state("tiny-b") == "unloaded"
+    assert page.inner_text("#summary") == "1 of 3 models loaded"
