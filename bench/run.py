@@ -242,19 +242,21 @@ async def main() -> None:
         write_tiny_model(models / f"{name}.gguf", seed=seed)
     rows, rss = [], {}
     connector = aiohttp.TCPConnector(limit=0)
+    only_discovery = sys.argv[1:] == ["discovery"]  # `scripts/dev bench discovery`: that part alone
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
-        targets = [direct(models), llamacpp_router(models), gguf_router(models)]
+        targets = [] if only_discovery else [direct(models), llamacpp_router(models), gguf_router(models)]
         try:
-            for t in targets:
-                await t.ready(session)
-                rss[t.name + " idle"] = t.rss_mb()
-                await post(session, t.url + "/tokenize", {"model": "tiny-a", "content": "warm"})
-            print("small requests ...", file=sys.stderr)
-            await small_requests(targets, session, rows)
-            print("streams ...", file=sys.stderr)
-            await streams(targets, session, rows, rss)
-            print("cold starts ...", file=sys.stderr)
-            await cold_starts(targets[1:], session, models, rows)
+            if targets:
+                for t in targets:
+                    await t.ready(session)
+                    rss[t.name + " idle"] = t.rss_mb()
+                    await post(session, t.url + "/tokenize", {"model": "tiny-a", "content": "warm"})
+                print("small requests ...", file=sys.stderr)
+                await small_requests(targets, session, rows)
+                print("streams ...", file=sys.stderr)
+                await streams(targets, session, rows, rss)
+                print("cold starts ...", file=sys.stderr)
+                await cold_starts(targets[1:], session, models, rows)
         finally:
             for t in targets:
                 t.stop()
@@ -264,9 +266,10 @@ async def main() -> None:
         rows.append({"scenario": "RSS MB (router process)", "target": name, "p50_ms": mb})
     print(table(rows))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latest.json").write_text(json.dumps({"rows": rows, "when": time.strftime("%F %T")}, indent=1))
-    chart([r for r in rows if "RSS" not in r["scenario"]], RESULTS / "latest.png")
-    print(f"wrote {RESULTS / 'latest.json'} and latest.png", file=sys.stderr)
+    (RESULTS / ("discovery.json" if only_discovery else "latest.json")).write_text(json.dumps({"rows": rows, "when": time.strftime("%F %T")}, indent=1))
+    if not only_discovery:
+        chart([r for r in rows if "RSS" not in r["scenario"]], RESULTS / "latest.png")
+        print(f"wrote {RESULTS / 'latest.json'} and latest.png", file=sys.stderr)
     shutil.rmtree(work)
 
 
