@@ -118,3 +118,23 @@ def test_a_model_over_its_memory_limit_is_killed_alone_and_reported_as_oom(conta
         assert http.post("/v1/chat/completions", json=chat("tiny-b")).status_code == 200
         assert c.run("systemctl", "is-active", "gguf-router-test").strip() == "active"
         assert "llama-server killed: out of memory" in c.run("journalctl", "-u", "gguf-router-test", "-o", "cat")
+
+
+def test_a_unit_that_keeps_crashing_ends_failed_with_the_reason(container, llama_server):
+    port = free_port()
+    c = container
+    c.run("systemd-run", "--unit=gguf-router-test", "-p", "Type=notify", "-p", "RuntimeDirectory=gguf-router",
+          *router_argv(llama_server, "--launcher", "systemd", "--host", "127.0.0.1", "--port", str(port)).split())
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        assert http.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
+        for crash in range(1, 6):
+            pid = c.run("sh", "-c", "systemctl show -p MainPID --value gguf-router-model-tiny-a-*").strip()
+            c.run("kill", "-9", pid)
+            status = c.wait_for(lambda: (s := models(http)["tiny-a"]).get("crashes") == crash and s,
+                                what=f"crash {crash}")
+            if crash < 5:
+                c.wait_for(lambda: models(http)["tiny-a"]["value"] == "loaded", what="restarted by the router")
+        assert status["failed"] and "crashed 5 times" in status["error"] and status["exit_code"] == -9
+        refused = http.post("/v1/chat/completions", json=chat("tiny-a"))
+        assert refused.status_code == 503 and "crashed 5 times" in refused.json()["error"]["message"]
+        assert c.run("systemctl", "list-units", "--plain", "--no-legend", "gguf-router-model-tiny-a-*").strip() == ""
