@@ -73,6 +73,9 @@ def test_dropins_override_the_main_file_in_name_order(tmp_path, table):
     ("[*]\nport = 9000\n", 2, "set by the router"),
     ("[*]\nmodel = /x.gguf\n", 2, "belongs in a model's own section"),
     ("[tiny-a]\nstop-timeout = -1\n", 2, "above 0"),
+    ("[tiny-a]\nmemory-max = lots\n", 2, "a size like 512M"),
+    ("[tiny-a]\ndevices = /tmp/gpu\n", 2, "is not a device under /dev/"),
+    ("[tiny-a]\nenvironment = CUDA_VISIBLE_DEVICES\n", 2, "is not VAR=value"),
     ("c = 4096\n", 1, "put options under [*]"),
     ("[tiny-a\n", 1, "expected [section]"),
 ])

@@ -94,7 +94,7 @@ systemctl daemon-reload""")
 def test_a_model_over_its_memory_limit_is_killed_alone_and_reported_as_oom(container):
     port = free_port()
     c = container
-    (c.share / "presets.ini").write_text("[tiny-a]\nmemory-max = 64M\n")
+    (c.share / "presets.ini").write_text("[tiny-a]\nmemory-max = 64M\n[tiny-b]\ndevices = /dev/console\n")
     fake = REPO / "tests" / "fake_llama_server.py"
     c.run("systemd-run", "--unit=gguf-router-test", "-p", "Type=notify", "-p", "RuntimeDirectory=gguf-router",
           *router_argv(fake, "--launcher", "systemd", "--host", "127.0.0.1", "--port", str(port)).split())
@@ -105,6 +105,11 @@ def test_a_model_over_its_memory_limit_is_killed_alone_and_reported_as_oom(conta
         unit_b = next(line.split()[0] for line in c.run("systemctl", "list-units", "--plain", "--no-legend",
                                                          "gguf-router-model-tiny-b-*").splitlines())
         pid_b = c.run("systemctl", "show", unit_b, "-p", "MainPID", "--value").strip()
+        # a unit sees /dev/null and the like, plus only the devices its preset names
+        pid_a = c.run("sh", "-c", "systemctl show -p MainPID --value gguf-router-model-tiny-a-*").strip()
+        assert "console" not in c.run("ls", f"/proc/{pid_a}/root/dev").split()
+        assert "null" in c.run("ls", f"/proc/{pid_a}/root/dev").split()
+        assert "console" in c.run("ls", f"/proc/{pid_b}/root/dev").split()
         unit_a = "/system.slice/gguf-router-model-tiny-a-*"
         limit = c.run("sh", "-c", f"cat /sys/fs/cgroup/memory{unit_a}/memory.limit_in_bytes 2>/dev/null"
                                   f" || cat /sys/fs/cgroup{unit_a}/memory.max")

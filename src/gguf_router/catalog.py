@@ -30,6 +30,7 @@ class ModelConfig:
     preset_text: str = ""
     environment: tuple[str, ...] = ()
     limits: tuple[tuple[str, str], ...] = ()  # systemd properties for the model's unit
+    devices: tuple[str, ...] = ()  # device nodes the model's unit may use
 
     @property
     def id(self) -> str:
@@ -110,7 +111,7 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
         models[model_id] = ModelConfig(
             file, tuple(argv), router.get("alias", ()), router.get("load-on-startup", False),
             router.get("stop-timeout", settings.stop_timeout), _preset_text(model_id, file, effective),
-            router.get("environment", ()), unit_limits(file, router))
+            router.get("environment", ()), unit_limits(file, router), router.get("devices", ()))
     _check_aliases(models, presets, warnings)
     return Catalog(models, presets, tuple(warnings))
 

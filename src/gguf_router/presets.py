@@ -51,6 +51,14 @@ def _environment(value: Value, key: str) -> tuple[str, ...]:
     return items
 
 
+def _devices(value: Value, key: str) -> tuple[str, ...]:
+    paths = tuple(value.text.split())
+    for path in paths:
+        if not path.startswith("/dev/"):
+            raise ConfigError(value.where, f"{key}: {path!r} is not a device under /dev/")
+    return paths
+
+
 _MEMORY = _matching(r"\d+(\.\d+)?[KMGT]?|\d+(\.\d+)?%|infinity", "a size like 512M, 8G or 50% (of RAM), or infinity")
 
 
@@ -65,6 +73,8 @@ ROUTER_KEYS: dict[str, Callable[[Value, str], Any]] = {
     "cpu-quota": _matching(r"\d+%", "a percentage of one CPU, like 150%"),
     "allowed-cpus": _matching(r"\d+(-\d+)?([ ,]\d+(-\d+)?)*", "CPU numbers and ranges, like 0-3,6"),
     "environment": _environment,
+    # The unit sees only /dev/null and the like (PrivateDevices) plus these: GPUs, for example.
+    "devices": _devices,
 }
 # llama-server options the router sets for each child; in a preset they would break routing.
 RESERVED = frozenset({"--host", "--port", "--alias", "--model", "--models-dir", "--models-max", "--models-preset",

@@ -65,7 +65,7 @@ class Scheduler:
     def spec_for(self, model: Model) -> LaunchSpec:
         config = model.config
         return LaunchSpec(model.id, config.argv, self.socket_for(model.id), config.stop_timeout,
-                          config.environment, dict(config.limits))
+                          config.environment, dict(config.limits), config.devices)
 
     # -- the model list -------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ class LaunchSpec:
     # systemd resource properties (MemoryMax, MemoryHigh, CPUQuota, AllowedCPUs); only a
     # systemd unit can enforce them, so the process launcher ignores them.
     limits: dict[str, str] = field(default_factory=dict)
+    devices: tuple[str, ...] = ()  # device nodes a unit may use (GPUs); a process sees all of /dev
 
 
 class LaunchError(Exception):

@@ -202,6 +202,13 @@ class SystemdLauncher:
         props += [f"BindReadOnlyPaths={path}" for path in sorted(needed) if _in_tmp(path)]
         props += [f"{key}={value}" for key, value in spec.limits.items()]
         props += [f"Environment={item}" for item in spec.environment]
+        if not self.user:
+            # Only /dev/null and the like, plus the devices the preset names (GPUs). A user manager
+            # cannot drop the capabilities PrivateDevices needs: there the user's own permissions on
+            # /dev decide (add the service user to `render`/`video` for a GPU).
+            props.append("PrivateDevices=yes")
+            for device in spec.devices:
+                props += [f"BindPaths={device}", f"DeviceAllow={device} rw"]
         return props
 
     async def start(self, spec: LaunchSpec, progress: ProgressCallback) -> Child:
