@@ -80,6 +80,7 @@ systemctl daemon-reload""")
         c.run("kill", "-9", str(pid))
         status = c.wait_for(lambda: (s := models(http)["tiny-a"]).get("failed") and s, what="crash seen")
         assert status["error"] == "crashed" and status["exit_code"] == -9 and "restart_in" in status
+        assert any("model loaded" in line for line in status["log_tail"])  # read from the journal
         c.wait_for(lambda: models(http)["tiny-a"]["value"] == "loaded", what="tiny-a restarted")
         assert http.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
         pid = int(c.run("systemctl", "--user", "show", unit, "-p", "MainPID", "--value", user="gguf-router"))
