@@ -67,9 +67,9 @@ def unit_limits(file: ModelFile, router: dict) -> tuple[tuple[str, str], ...]:
     the KV cache and buffers, with MemoryHigh (reclaim pressure before a kill) at 90 % of it."""
     limits = {prop: router[key] for key, prop in UNIT_LIMITS.items() if key in router}
     if "MemoryMax" not in limits:
-        size = file.stamp[0]
-        limits["MemoryMax"] = str(int(size * 1.5) + GiB)
-        limits.setdefault("MemoryHigh", str(int((size * 1.5 + GiB) * 0.9)))
+        memory_max = file.stamp[0] * 1.5 + GiB
+        limits["MemoryMax"] = str(int(memory_max))
+        limits.setdefault("MemoryHigh", str(int(memory_max * 0.9)))
     return tuple(limits.items())
 
 

@@ -87,24 +87,24 @@ class Discovery:
         stamp = (0, 0)
         try:
             st = path.stat()
-            stamp = key = (st.st_size, st.st_mtime_ns)
+            stamp = (st.st_size, st.st_mtime_ns)
             age = time.time() - st.st_mtime
             if self.settle and path not in self._listed and age < self.settle:
                 wait = self.settle - max(age, 0.0)
                 self.next_check = min(self.next_check or wait, wait)
                 return None
             cached = self._headers.get(path)
-            if self.header_budget is not None and (cached is None or cached[0] != key):
-                if self.header_budget <= 0:
-                    self.unread = True
-                    return ModelFile(model_id, path, source, mmproj, None, None, stamp)
-                self.header_budget -= 1
-            if cached is None or cached[0] != key:
+            if cached is None or cached[0] != stamp:
+                if self.header_budget is not None:
+                    if self.header_budget <= 0:
+                        self.unread = True
+                        return ModelFile(model_id, path, source, mmproj, None, None, stamp)
+                    self.header_budget -= 1
                 try:
                     info, error = read_info(path), None
                 except (InvalidGGUF, OSError) as exc:
                     info, error = None, str(exc)
-                cached = self._headers[path] = (key, info, error)
+                cached = self._headers[path] = (stamp, info, error)
             _, info, error = cached
         except OSError as exc:
             info, error = None, str(exc)

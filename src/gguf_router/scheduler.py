@@ -81,9 +81,9 @@ class Scheduler:
             if changed:
                 model.crashes.reset()  # new options may well fix what crashed it
                 model.gave_up = None
-            if changed and model.state in (S.LOADING, S.LOADED) and not model.restart:
-                log.info("model %s: its options or file changed; restarting it once idle", model_id)
-                model.restart = True
+                if model.state in (S.LOADING, S.LOADED) and not model.restart:
+                    log.info("model %s: its options or file changed; restarting it once idle", model_id)
+                    model.restart = True
         for model_id in set(self.models) - set(configs):
             model = self.models[model_id]
             if self._queue.get(model_id) is model:
@@ -190,9 +190,10 @@ class Scheduler:
             # Units keep serving while the router restarts or is upgraded; the next one adopts them.
             for task in self._tasks:
                 task.cancel()
-        for model in self.models.values():
-            if model.state in (S.LOADING, S.LOADED) and not self.launcher.outlives_router:
-                self._stop(model, "unloaded")
+        else:
+            for model in self.models.values():
+                if model.state in (S.LOADING, S.LOADED):
+                    self._stop(model, "unloaded")
         if self._tasks:
             longest = max((m.config.stop_timeout for m in self.models.values()), default=10.0)
             await asyncio.wait(self._tasks, timeout=longest + 5)
@@ -307,9 +308,10 @@ class Scheduler:
             self._ended(model, Exit(exc.exit_code, "failed to start", True, exc.log_tail),
                         RouterError(503, f"model '{model.id}' failed to load: {exc}{_last_line(exc.log_tail)}"))
             return
+        took = time.monotonic() - started
         model.stats.loads += 1
-        model.stats.load_seconds += time.monotonic() - started
-        await self._serve(model, child, f"ready in {time.monotonic() - started:.3f} s, pid {child.pid}")
+        model.stats.load_seconds += took
+        await self._serve(model, child, f"ready in {took:.3f} s, pid {child.pid}")
 
     async def _serve(self, model: Model, child: Child, how: str) -> None:
         """A ready child's life: serve until it exits, then record how it ended."""

@@ -67,6 +67,15 @@ class ChildExit:
     async def wait(self) -> int:
         return await asyncio.shield(self._exit)
 
+    async def started(self, progress: ProgressCallback) -> "ChildExit":
+        """Waits until the child is ready; one that fails or is cancelled while loading is stopped."""
+        try:
+            await self.ready(progress)
+        except BaseException:
+            await self.stop(timeout=0)
+            raise
+        return self
+
     def load_failed(self) -> LaunchError:
         code = self._exit.result()
         return LaunchError(f"llama-server exited with code {code} while loading", code, self.log_tail())

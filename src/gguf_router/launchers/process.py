@@ -142,10 +142,4 @@ class ProcessLauncher:
         except OSError as exc:
             raise LaunchError(f"cannot run {spec.argv[0]}: {exc.strerror or exc}") from exc
         log.info("%s: started llama-server pid %d", spec.model_id, proc.pid)
-        child = ProcessChild(spec, proc)
-        try:
-            await child.ready(progress)
-        except BaseException:
-            await child.stop(timeout=0)
-            raise
-        return child
+        return await ProcessChild(spec, proc).started(progress)

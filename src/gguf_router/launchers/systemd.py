@@ -225,13 +225,7 @@ class SystemdLauncher:
             raise LaunchError(f"systemd-run could not start {unit}: {out}", code)
         pid = int((await self.show(unit, "MainPID")).get("MainPID") or 0)
         log.info("%s: started unit %s, llama-server pid %d", spec.model_id, unit, pid)
-        child = SystemdChild(self, spec.model_id, unit, spec.socket, pid)
-        try:
-            await child.ready(progress)
-        except BaseException:
-            await child.stop(timeout=0)
-            raise
-        return child
+        return await SystemdChild(self, spec.model_id, unit, spec.socket, pid).started(progress)
 
     async def adopt(self, expected: dict[str, LaunchSpec]) -> dict[str, Child]:
         """Children an earlier router left running: kept when their model still exists with the same
@@ -249,12 +243,11 @@ class SystemdLauncher:
                 log.info("stopping unit %s: its model is gone or its options changed", unit)
                 await self.systemctl("stop", "--no-block", unit)
                 continue
-            child = SystemdChild(self, spec.model_id, unit, spec.socket, pid)
             try:
-                await asyncio.wait_for(child.ready(lambda _: None), 10)
+                child = await asyncio.wait_for(
+                    SystemdChild(self, spec.model_id, unit, spec.socket, pid).started(lambda _: None), 10)
             except (LaunchError, asyncio.TimeoutError):
-                log.warning("stopping unit %s: it does not answer on %s", unit, spec.socket)
-                await child.stop(0)
+                log.warning("stopped unit %s: it did not answer on %s", unit, spec.socket)
                 continue
             log.info("%s: adopted running unit %s (pid %d)", spec.model_id, unit, pid)
             adopted[spec.model_id] = child
