@@ -53,7 +53,7 @@ def test_packaged_units_socket_activation_model_units_restart_and_adoption(conta
     for unit in ("gguf-router.socket", "gguf-router.service"):
         c.run("cp", str(REPO / "systemd" / unit), "/etc/systemd/system/")
     c.run("sh", "-c", f"""mkdir -p /etc/systemd/system/gguf-router.service.d /etc/systemd/system/gguf-router.socket.d
-printf '[Service]\\nExecStart=\\nExecStart={router_argv(llama_server)}\\nBindReadOnlyPaths={REPO}\\n' > /etc/systemd/system/gguf-router.service.d/test.conf
+printf '[Service]\\nExecStart=\\nExecStart={router_argv(llama_server)}\\nBindReadOnlyPaths={REPO} {llama_server.parent}\\n' > /etc/systemd/system/gguf-router.service.d/test.conf
 printf '[Socket]\\nListenStream=\\nListenStream=127.0.0.1:{port}\\n' > /etc/systemd/system/gguf-router.socket.d/test.conf
 systemctl daemon-reload""")
     c.run("systemctl", "start", "gguf-router.socket")
