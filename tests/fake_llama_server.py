@@ -14,6 +14,7 @@ HELP = """-c,    --ctx-size N                     size of the prompt context
 -a,    --alias STRING                   model name alias
 -m,    --model FNAME                    model path
 --host HOST                             listen address
+-cram, --cache-ram N                    prompt cache size in MiB
 """
 
 

@@ -1,6 +1,7 @@
 """Config files, presets, hot discovery and reload, against real llama-server children."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -169,6 +170,9 @@ def test_check_config_shows_each_models_command_line_or_the_error(models_dir, ll
     assert out.returncode == 0, out.stderr
     assert "tiny-a (models_dir; aliases small; load-on-startup)" in out.stdout
     assert f"{llama_server} --ctx-size 4096 --threads 2 --host" in out.stdout
+    # the prompt cache bounded to one context's worth, at least 256 MiB; the estimate beside it
+    assert "--metrics --cache-ram 256 --model" in out.stdout
+    assert re.search(r"memory: [\d.]+ MiB \(weights [\d.]+ KiB, KV cache 2.0 MiB for 4096 tokens", out.stdout)
     write(preset_file, "[*]\nc = 4096\n[tiny-a]\njinja = perhaps\n")
     out = subprocess.run(run, capture_output=True, text=True)
     assert out.returncode == 1

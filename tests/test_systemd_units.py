@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 import nspawn
-from conftest import chat, free_port
+from conftest import SMOL, chat, free_port
 
 pytestmark = pytest.mark.skipif(nspawn.available() is not None, reason=str(nspawn.available()))
 
@@ -22,14 +22,15 @@ VENV_PYTHON = Path(__import__("sys").executable)
 
 
 @pytest.fixture
-def container(tmp_path, models_dir, llama_server):
+def container(tmp_path, models_dir, llama_server, real_models):
     share = tmp_path / "share"
     (share / "models").mkdir(parents=True)
     for model in models_dir.glob("*.gguf"):
         shutil.copy(model, share / "models")
     (share / "empty.conf").touch()
     (share / "presets.ini").touch()
-    box = nspawn.Container(f"gr{free_port()}", share, [llama_server.parent.parent, VENV_PYTHON.parent.parent])
+    box = nspawn.Container(f"gr{free_port()}", share, [llama_server.parent.parent, VENV_PYTHON.parent.parent,
+                                                       real_models])
     yield box
     box.stop()
 
@@ -70,7 +71,10 @@ systemctl daemon-reload""")
         shown = c.run("systemctl", "--user", "show", unit, "-p", "MainPID", "-p", "MemoryMax", "-p",
                       "NoNewPrivileges", user="gguf-router")
         props = dict(line.split("=", 1) for line in shown.split())
-        assert int(props["MemoryMax"]) > 1 << 30 and props["NoNewPrivileges"] == "yes"
+        # the unit's limit comes from the model's estimate: above it and what serving may add
+        estimate = models(http)["tiny-a"]["memory_estimate"]
+        assert estimate["host_bytes"] + estimate["growth_bytes"] < int(props["MemoryMax"]) < 1 << 30
+        assert props["NoNewPrivileges"] == "yes"
         pid = int(props["MainPID"])
         c.wait_for(lambda: "1/4 models loaded: tiny-a (idle)" in c.run("systemctl", "show", "-p", "StatusText",
                                                                          "gguf-router"), what="STATUS= line")
@@ -96,9 +100,11 @@ def test_a_model_over_its_memory_limit_is_killed_alone_and_reported_as_oom(conta
     port = free_port()
     c = container
     (c.share / "presets.ini").write_text("[tiny-a]\nmemory-max = 64M\n[tiny-b]\ndevices = /dev/console\n")
+    c.share.joinpath("state").mkdir()
     fake = REPO / "tests" / "fake_llama_server.py"
     c.run("systemd-run", "--unit=gguf-router-test", "-p", "Type=notify", "-p", "RuntimeDirectory=gguf-router",
-          *router_argv(fake, "--launcher", "systemd", "--host", "127.0.0.1", "--port", str(port)).split())
+          *router_argv(fake, "--launcher", "systemd", "--host", "127.0.0.1", "--port", str(port),
+                       "--state-dir", "/share/state").split())
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
         assert http.post("/v1/chat/completions", json=chat("tiny-b")).json()["choices"][0]["message"]["content"] == "ok"
         assert http.post("/models/load", json={"model": "tiny-a"}).status_code == 200
@@ -118,12 +124,27 @@ def test_a_model_over_its_memory_limit_is_killed_alone_and_reported_as_oom(conta
         reply = http.post("/v1/chat/completions", json=chat("tiny-a", content="allocate"))
         assert reply.status_code == 502
         status = c.wait_for(lambda: (s := models(http)["tiny-a"]).get("failed") and s, what="OOM seen")
-        assert status["error"] == "killed: out of memory" and status["exit_code"] == -9
+        assert status["error"].startswith("killed: out of memory (limit 64.0 MiB, peak ") and status["exit_code"] == -9
         # only that model: the other one and the router go on
         assert c.run("systemctl", "show", unit_b, "-p", "MainPID", "--value").strip() == pid_b
         assert http.post("/v1/chat/completions", json=chat("tiny-b")).status_code == 200
         assert c.run("systemctl", "is-active", "gguf-router-test").strip() == "active"
         assert "llama-server killed: out of memory" in c.run("journalctl", "-u", "gguf-router-test", "-o", "cat")
+
+        # Without memory-max, the limit comes from the estimate; a model that outgrows it is
+        # killed, and its next start counts it at its peak plus a margin, so its limit is higher.
+        assert http.post("/models/load", json={"model": "tiny-c"}).status_code == 200
+        c.wait_for(lambda: models(http)["tiny-c"]["value"] == "loaded", what="tiny-c loaded")
+        first_limit = models(http)["tiny-c"]["memory_limit_bytes"]
+        assert first_limit and first_limit < 1 << 30
+        assert http.post("/v1/chat/completions", json=chat("tiny-c", content="allocate")).status_code == 502
+        status = c.wait_for(lambda: (s := models(http)["tiny-c"]).get("failed") and s, what="tiny-c OOM")
+        assert status["error"].startswith("killed: out of memory") and status["memory_floor_bytes"] >= first_limit
+        c.wait_for(lambda: models(http)["tiny-c"]["value"] == "loaded", what="tiny-c restarted")
+        assert models(http)["tiny-c"]["memory_limit_bytes"] > first_limit * 1.2
+        metrics = http.get("/metrics").text
+        assert 'gguf_router_model_oom_kills_total{model="tiny-c"} 1' in metrics
+        assert "tiny-c" in (c.share / "state" / "memory-floors.json").read_text()  # kept for the next router
 
 
 def test_a_unit_that_keeps_crashing_ends_failed_with_the_reason(container, llama_server):
@@ -144,3 +165,34 @@ def test_a_unit_that_keeps_crashing_ends_failed_with_the_reason(container, llama
         refused = http.post("/v1/chat/completions", json=chat("tiny-a"))
         assert refused.status_code == 503 and "crashed 5 times" in refused.json()["error"]["message"]
         assert c.run("systemctl", "list-units", "--plain", "--no-legend", "gguf-router-model-tiny-a-*").strip() == ""
+
+
+def test_a_long_context_real_model_gets_a_limit_it_fits_in_and_an_oom_while_loading_is_named(container, llama_server,
+                                                                                                  real_models):
+    """SmolLM2 at 65536 tokens needs about 1.6 GB: the old fixed limit (1.5 x file + 1 GiB) killed it
+    while loading. Its limit now comes from its estimate, so it loads and answers; the same model
+    held to 300M by its preset is killed while loading, and the client is told why."""
+    port = free_port()
+    c = container
+    smol = real_models / SMOL
+    (c.share / "presets.ini").write_text(f"[smol-65536]\nmodel = {smol}\nc = 65536\n"
+                                         f"[smol-held]\nmodel = {smol}\nc = 32768\nmemory-max = 300M\n")
+    c.run("systemd-run", "--unit=gguf-router-test", "-p", "Type=notify", "-p", "RuntimeDirectory=gguf-router",
+          *router_argv(llama_server, "--launcher", "systemd", "--host", "127.0.0.1", "--port", str(port),
+                       "--models-max", "0").split())
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
+        reply = http.post("/v1/chat/completions", json=chat("smol-65536", "What is the capital of France?",
+                                                             max_tokens=8, ignore_eos=False))
+        assert reply.status_code == 200 and "Paris" in reply.json()["choices"][0]["message"]["content"]
+        status = models(http)["smol-65536"]
+        assert status["memory_estimate_bytes"] > 1500 << 20  # the KV cache of 65536 tokens alone is 1.4 GiB
+        assert status["memory_peak_bytes"] < status["memory_limit_bytes"]  # enforced by the kernel, and fits
+
+        refused = http.post("/v1/chat/completions", json=chat("smol-held"))
+        assert refused.status_code == 503
+        message = refused.json()["error"]["message"]
+        assert "killed: out of memory (limit 300.0 MiB, peak " in message and "while loading" in message
+        status = models(http)["smol-held"]
+        assert status["failed"] and status["error"].startswith("killed: out of memory (limit 300.0 MiB")
+        assert 'gguf_router_model_oom_kills_total{model="smol-held"} 1' in http.get("/metrics").text
+        assert models(http)["smol-65536"]["value"] == "loaded"  # the other model was not touched

@@ -12,7 +12,6 @@ from sanic.response import JSONResponse, json as json_response
 from . import __version__
 from .errors import RouterError, bad_request
 from .ini import ConfigError
-from .metrics import child_memory
 from .model import Model, ModelState
 
 bp = Blueprint("api")
@@ -44,7 +43,21 @@ def model_field(body: dict) -> str:
     return name
 
 
-def model_entry(model: Model) -> dict:
+def memory_status(model: Model, floor: int) -> dict:
+    """The estimate for every usable model; for a running one also what it uses, its peak and
+    the limit the kernel holds it to (systemd launcher)."""
+    if model.config.memory is None:
+        return {}
+    estimate = model.config.memory
+    status = {"memory_estimate_bytes": estimate.host, "memory_estimate": estimate.as_json()}
+    if floor:
+        status["memory_floor_bytes"] = floor  # learned from an out-of-memory kill
+    if model.state is ModelState.LOADED and (use := model.sample_memory()) is not None:
+        status.update(memory_bytes=use.current, memory_peak_bytes=model.peak, memory_limit_bytes=use.limit)
+    return status
+
+
+def model_entry(model: Model, floor: int = 0) -> dict:
     file = model.file
     status: dict = {"value": model.state.value, "args": list(model.argv), "preset": model.config.preset_text}
     if file.error:
@@ -60,7 +73,7 @@ def model_entry(model: Model) -> dict:
     if model.state is ModelState.LOADED:
         status["in_flight"] = model.in_flight
         status["idle_seconds"] = 0 if model.in_flight else round(time.monotonic() - model.last_used, 1)
-        status["memory_bytes"] = child_memory(model)
+    status.update(memory_status(model, floor))
     if model.child is not None and getattr(model.child, "unit", None):
         status["unit"] = model.child.unit
     try:
@@ -97,7 +110,8 @@ async def list_models(request: Request) -> JSONResponse:
     if request.args.get("reload") in ("1", "true"):
         await reload_router(router)
     models = sorted((m for m in router.scheduler.models.values() if not m.removed), key=lambda m: m.id)
-    return json_response({"data": [model_entry(m) for m in models], "object": "list"})
+    scheduler = router.scheduler
+    return json_response({"data": [model_entry(m, scheduler.memory_floor(m)) for m in models], "object": "list"})
 
 
 async def model_events(request: Request):

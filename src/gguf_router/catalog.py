@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .discovery import Discovery, ModelFile
 from .ini import ConfigError
-from .llama_options import options_of
+from .llama_options import has_gpu, options_of
+from .memory import MiB, MemoryEstimate, estimate, shard_bytes
 from .presets import Presets, Section, load_presets, parse_child_args, to_argv
 from .settings import Settings
 
@@ -29,8 +30,9 @@ class ModelConfig:
     stop_timeout: float = 10.0
     preset_text: str = ""
     environment: tuple[str, ...] = ()
-    limits: tuple[tuple[str, str], ...] = ()  # systemd properties for the model's unit
+    limits: tuple[tuple[str, str], ...] = ()  # systemd properties for the model's unit, from its preset
     devices: tuple[str, ...] = ()  # device nodes the model's unit may use
+    memory: MemoryEstimate | None = None  # None for a file whose header could not be read
 
     @property
     def id(self) -> str:
@@ -57,20 +59,32 @@ def read_presets(settings: Settings) -> tuple[Presets, Section]:
     return presets, parse_child_args(settings.child_args, table)
 
 
-GiB = 1 << 30
 UNIT_LIMITS = {"memory-max": "MemoryMax", "memory-high": "MemoryHigh", "cpu-quota": "CPUQuota",
                "allowed-cpus": "AllowedCPUs"}
+# llama-server's own prompt cache may hold 8 GiB per model by default (--cache-ram 8192):
+# unbounded growth, as far as a memory budget is concerned. Unless a preset says otherwise, a
+# child may cache one full context's worth of prompt state, at least this much.
+PROMPT_CACHE_MIN = 256 * MiB
 
 
-def unit_limits(file: ModelFile, router: dict) -> tuple[tuple[str, str], ...]:
-    """The unit's resource limits; without memory-max, the weights plus half again and 1 GiB for
-    the KV cache and buffers, with MemoryHigh (reclaim pressure before a kill) at 90 % of it."""
-    limits = {prop: router[key] for key, prop in UNIT_LIMITS.items() if key in router}
-    if "MemoryMax" not in limits:
-        memory_max = file.stamp[0] * 1.5 + GiB
-        limits["MemoryMax"] = str(int(memory_max))
-        limits.setdefault("MemoryHigh", str(int(memory_max * 0.9)))
-    return tuple(limits.items())
+def _option_names(section: Section) -> dict[str, str]:
+    """Every name of every option set (`c` and `ctx-size` ...), as the estimate looks them up."""
+    return {name.lstrip("-"): value for option, value, _ in section.options.values() for name in option.names}
+
+
+def _memory(file: ModelFile, section: Section, gpu: bool, cache_ram: bool) -> tuple[MemoryEstimate | None, list[str]]:
+    """The estimate, and the options the router adds to bound what it does not count
+    (`cache_ram`: whether this llama-server has the option)."""
+    if file.info is None:
+        return None, []
+    options = _option_names(section)
+    if file.mmproj and "mmproj" not in options:
+        options["mmproj"] = str(file.mmproj)
+    memory = estimate(file.info, options, file.info.tensor_bytes + shard_bytes(file.path, file.info.split_count), gpu)
+    if "cache-ram" in options or not cache_ram:
+        return memory, []
+    cache_mib = -(-max(memory.kv_cache, PROMPT_CACHE_MIN) // MiB)
+    return replace(memory, prompt_cache=cache_mib * MiB), ["--cache-ram", str(cache_mib)]
 
 
 def _preset_text(model_id: str, file: ModelFile, section: Section) -> str:
@@ -98,20 +112,24 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
             files[name] = described
 
     models: dict[str, ModelConfig] = {}
+    gpu = has_gpu(settings.llama_server)
+    cache_ram = options_of(settings.llama_server).lookup("cache-ram") is not None
     for model_id, file in files.items():
         section = presets.for_model(model_id)
         effective = Section({**section.options, **cli.options}, section.router, section.model)
+        memory, added = _memory(file, effective, gpu, cache_ram)
         argv = [str(settings.llama_server), *to_argv(effective),
                 # --metrics: the router's /metrics includes each loaded child's own figures.
-                "--host", str(socket_path(runtime_dir, model_id)), "--alias", model_id, "--metrics",
+                "--host", str(socket_path(runtime_dir, model_id)), "--alias", model_id, "--metrics", *added,
                 "--model", str(file.path)]
         if file.mmproj and "--mmproj" not in effective.options:
             argv += ["--mmproj", str(file.mmproj)]
         router = {key: parsed for key, (parsed, _) in effective.router.items()}
+        limits = tuple((prop, router[key]) for key, prop in UNIT_LIMITS.items() if key in router)
         models[model_id] = ModelConfig(
             file, tuple(argv), router.get("alias", ()), router.get("load-on-startup", False),
             router.get("stop-timeout", settings.stop_timeout), _preset_text(model_id, file, effective),
-            router.get("environment", ()), unit_limits(file, router), router.get("devices", ()))
+            router.get("environment", ()), limits, router.get("devices", ()), memory)
     _check_aliases(models, presets, warnings)
     return Catalog(models, presets, tuple(warnings))
 

@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--launcher", choices=("auto", "process", "systemd"),
                    help="how models run: systemd = a transient unit each (memory limits, own journal); "
                         "process = child processes; auto (default) = systemd when started by systemd")
+    p.add_argument("--state-dir", type=Path,
+                   help="where the router keeps what it learns (models' memory after an out-of-memory kill); "
+                        "default $STATE_DIRECTORY under systemd, else ~/.local/state/gguf-router")
     p.add_argument("--stop-timeout", type=float, help="seconds a child gets to exit before it is killed (default 10)")
     p.add_argument("--log-level", help="debug, info, warning or error (default info)")
     return p
@@ -89,6 +92,7 @@ def check_config(argv: list[str]) -> None:
     """Prints what the router would serve and how, or the first config error (exit 1)."""
     from .catalog import build, read_presets
     from .discovery import Discovery
+    from .memory import memory_line
 
     try:
         settings = parse_settings(argv)
@@ -113,6 +117,8 @@ def check_config(argv: list[str]) -> None:
         if config.file.error:
             notes.append(f"NOT USABLE: {config.file.error}")
         print(f"\n{model_id} ({'; '.join(notes)})\n  {shlex.join(config.argv)}")
+        if config.memory:
+            print(f"  {memory_line(config.memory)}")
 
 
 def main(argv: list[str] | None = None) -> None:

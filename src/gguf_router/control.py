@@ -15,6 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from .launchers.cgroup import size_text
 from .settings import Settings
 
 USAGE = """\
@@ -57,12 +58,7 @@ class Client:
 
 
 def _size(value) -> str:
-    if not value:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
+    return size_text(value) if value else "-"
 
 
 def _idle(status: dict) -> str:
@@ -75,13 +71,15 @@ def _idle(status: dict) -> str:
 
 
 def ps(client: Client, show_all: bool) -> None:
-    rows = [("MODEL", "STATE", "MEMORY", "IDLE FOR", "UNIT")]
+    rows = [("MODEL", "STATE", "ESTIMATE", "MEMORY", "PEAK", "LIMIT", "IDLE FOR", "UNIT")]
     for entry in client.call("GET", "/models")["data"]:
         status = entry["status"]
         if not show_all and status["value"] in ("unloaded", "invalid") and not status.get("failed"):
             continue
         state = status["value"] + (f" ({status['error']})" if status.get("failed") and status.get("error") else "")
-        rows.append((entry["id"], state, _size(status.get("memory_bytes")), _idle(status), status.get("unit", "-")))
+        rows.append((entry["id"], state, _size(status.get("memory_estimate_bytes")), _size(status.get("memory_bytes")),
+                     _size(status.get("memory_peak_bytes")), _size(status.get("memory_limit_bytes")), _idle(status),
+                     status.get("unit", "-")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

@@ -8,7 +8,7 @@ this walks the header with the gguf package's own type constants and skips every
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, LlamaFileType
@@ -22,6 +22,10 @@ _SCALAR = {
 # Counts beyond these are not a real model but a corrupt or hostile header.
 _MAX_ITEMS = 1 << 24
 _MAX_STRING = 1 << 26
+_MAX_KEPT_ARRAY = 1024  # per-layer arrays are kept; vocabularies and merges are only counted
+# Types ggml's CPU backend repacks on x86-64 with AVX2 (ggml-cpu/repack.cpp), rows a multiple of 8.
+_REPACKED = frozenset({GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_K, GGMLQuantizationType.IQ4_NL,
+                       GGMLQuantizationType.MXFP4})
 
 
 class InvalidGGUF(ValueError):
@@ -37,6 +41,13 @@ class GGUFInfo:
     file_type: str | None
     size: int
     split_count: int
+    # What the memory estimate needs: the architecture's own keys without the "ARCH." prefix
+    # (scalars, and numeric arrays up to a layer count long, such as per-layer head counts),
+    # the vocabulary size, and the bytes of tensor data in this file.
+    hparams: dict = field(default_factory=dict, compare=False)
+    n_vocab: int = 0
+    tensor_bytes: int = 0
+    repackable_bytes: int = 0  # layer weights the CPU backend copies into an interleaved layout (AVX2)
 
     def as_json(self) -> dict:
         return {
@@ -79,16 +90,30 @@ class _Header:
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype == GGUFValueType.ARRAY:
-            self.skip_array()
-            return None
+            return self.array()
         try:
             return self.unpack(_SCALAR[GGUFValueType(vtype)])
         except (ValueError, KeyError):
             raise InvalidGGUF(f"unknown metadata value type {vtype}") from None
 
-    def skip_array(self) -> None:
+    def array(self) -> "list | int":
+        """A short numeric array's values; for any other array, its length."""
         etype = self.unpack("<I")
         n = self.count("array element")
+        if n <= _MAX_KEPT_ARRAY and etype not in (GGUFValueType.STRING, GGUFValueType.ARRAY):
+            try:
+                fmt = _SCALAR[GGUFValueType(etype)]
+            except (ValueError, KeyError):
+                raise InvalidGGUF(f"unknown array element type {etype}") from None
+            return list(struct.unpack(f"<{n}{fmt[1]}", self.read(n * struct.calcsize(fmt))))
+        self.skip_items(etype, n)
+        return n
+
+    def skip_array(self) -> None:
+        etype = self.unpack("<I")
+        self.skip_items(etype, self.count("array element"))
+
+    def skip_items(self, etype: int, n: int) -> None:
         if etype == GGUFValueType.STRING:
             for _ in range(n):
                 self.f.seek(self.unpack("<Q"), 1)
@@ -123,8 +148,9 @@ def read_info(path: Path) -> GGUFInfo:
             kv[key] = h.value(h.unpack("<I"))
         n_params = 0
         data_end = 0
+        tensor_bytes = repackable_bytes = 0
         for _ in range(n_tensors):
-            h.string()
+            name = h.string()
             dims = [h.unpack("<Q") for _ in range(min(h.unpack("<I"), 8))]
             ttype, offset = h.unpack("<I"), h.unpack("<Q")
             elements = 1
@@ -135,6 +161,9 @@ def read_info(path: Path) -> GGUFInfo:
             except (ValueError, KeyError):
                 raise InvalidGGUF(f"unknown tensor type {ttype}") from None
             n_params += elements
+            tensor_bytes += elements // block * type_size
+            if ttype in _REPACKED and name.startswith("blk.") and len(dims) > 1 and dims[1] % 8 == 0:
+                repackable_bytes += elements // block * type_size
             data_end = max(data_end, offset + elements // block * type_size)
         alignment = kv.get("general.alignment") or 32
         data_start = -(-f.tell() // alignment) * alignment
@@ -149,6 +178,10 @@ def read_info(path: Path) -> GGUFInfo:
     except ValueError:
         file_type = str(file_type)
     ctx = kv.get(f"{arch}.context_length")
+    prefix = arch + "."
+    hparams = {k[len(prefix):]: v for k, v in kv.items() if k.startswith(prefix) and not isinstance(v, str)}
+    tokens = kv.get("tokenizer.ggml.tokens")
+    n_vocab = tokens if isinstance(tokens, int) else len(tokens) if isinstance(tokens, list) else 0
     return GGUFInfo(
         architecture=arch,
         name=kv.get("general.name") if isinstance(kv.get("general.name"), str) else None,
@@ -157,4 +190,8 @@ def read_info(path: Path) -> GGUFInfo:
         file_type=file_type,
         size=size,
         split_count=int(kv.get("split.count") or 1),
+        hparams=hparams,
+        n_vocab=n_vocab or int(hparams.get("vocab_size") or 0),
+        tensor_bytes=tensor_bytes,
+        repackable_bytes=repackable_bytes,
     )

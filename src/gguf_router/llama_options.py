@@ -110,3 +110,21 @@ def options_of(llama_server: Path) -> OptionTable:
     except OSError as exc:
         raise LlamaServerError(f"no llama-server at {llama_server}: {exc.strerror}") from None
     return _table(str(llama_server), mtime)
+
+
+@functools.lru_cache(maxsize=4)
+def _gpus(path: str, mtime_ns: int) -> tuple[str, ...]:
+    try:
+        out = subprocess.run([path, "--list-devices"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ()
+    _, _, listed = (out.stdout + out.stderr).partition("Available devices:")
+    return tuple(line.strip() for line in listed.splitlines() if line.strip() and line.strip() != "(none)")
+
+
+def has_gpu(llama_server: Path) -> bool:
+    """Whether this llama-server sees a device to offload layers to (a CPU-only build lists none)."""
+    try:
+        return bool(_gpus(str(llama_server), llama_server.stat().st_mtime_ns))
+    except OSError:
+        return False

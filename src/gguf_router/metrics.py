@@ -41,16 +41,6 @@ class Family:
         return "\n".join([f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}", *self.samples])
 
 
-def child_memory(model) -> int | None:
-    """Resident memory of a loaded model's llama-server (its main process)."""
-    if model.child is None or not model.child.pid:
-        return None
-    try:
-        return psutil.Process(model.child.pid).memory_info().rss
-    except psutil.Error:
-        return None
-
-
 def router_families(router, request_counts: dict) -> list[Family]:
     models = sorted(router.scheduler.models.values(), key=lambda m: m.id)
     state = Family("gguf_router_model_state", "gauge", "1 for the state each model is in")
@@ -65,7 +55,12 @@ def router_families(router, request_counts: dict) -> list[Family]:
     load_seconds = Family("gguf_router_model_load_seconds", "summary", "time from start to ready")
     in_flight = Family("gguf_router_requests_in_flight", "gauge", "requests being served, by model")
     queued = Family("gguf_router_requests_queued", "gauge", "requests waiting for their model to load")
-    memory = Family("gguf_router_model_memory_bytes", "gauge", "resident memory of a loaded model's llama-server")
+    memory = Family("gguf_router_model_memory_bytes", "gauge",
+                    "memory of a loaded model's llama-server (its unit's cgroup, else its resident set)")
+    peak = Family("gguf_router_model_memory_peak_bytes", "gauge", "the most memory a loaded model's llama-server has held")
+    estimate = Family("gguf_router_model_memory_estimate_bytes", "gauge",
+                      "host memory a model is estimated to need once loaded, from its GGUF and options")
+    limit = Family("gguf_router_model_memory_limit_bytes", "gauge", "the memory limit enforced on a loaded model's unit")
     for m in models:
         current = "invalid" if m.file.error else m.state.value
         for value in states:
@@ -76,8 +71,13 @@ def router_families(router, request_counts: dict) -> list[Family]:
         load_seconds.add(m.stats.loads, "_count", model=m.id)
         in_flight.add(m.in_flight, model=m.id)
         queued.add(m.waiters, model=m.id)
-        if m.state is ModelState.LOADED and (rss := child_memory(m)) is not None:
-            memory.add(rss, model=m.id)
+        if m.config.memory is not None:
+            estimate.add(m.config.memory.host, model=m.id)
+        if m.state is ModelState.LOADED and (use := m.memory_use) is not None:
+            memory.add(use.current, model=m.id)
+            peak.add(m.peak, model=m.id)
+            if use.limit is not None:
+                limit.add(use.limit, model=m.id)
     requests = Family("gguf_router_requests_total", "counter", "requests answered, by model, endpoint and status")
     for (model_id, endpoint, status), count in sorted(request_counts.items()):
         requests.add(count, model=model_id, endpoint=endpoint, code=status)
@@ -90,7 +90,7 @@ def router_families(router, request_counts: dict) -> list[Family]:
             ("process_open_fds", "gauge", "the router's open file descriptors", process.num_fds()),
             ("process_start_time_seconds", "gauge", "when the router started (unix time)", process.create_time()),
         ]
-    families = [state, *counters.values(), load_seconds, in_flight, queued, memory, requests]
+    families = [state, *counters.values(), load_seconds, in_flight, queued, memory, peak, estimate, limit, requests]
     for name, kind, help, value in own:
         family = Family(f"gguf_router_{name}", kind, help)
         family.add(value)

@@ -13,6 +13,7 @@ from .catalog import ModelConfig
 from .crashes import CrashHistory
 from .discovery import ModelFile
 from .launchers import Child
+from .launchers.cgroup import MemoryUse
 
 log = logging.getLogger("gguf_router.model")
 
@@ -87,6 +88,8 @@ class Model:
         self.restart_at: float | None = None  # wall time of a restart after a crash, while waiting
         self.restart_timer: asyncio.TimerHandle | None = None
         self.gave_up: str | None = None  # why a crashing model is no longer restarted
+        self.memory_use: MemoryUse | None = None  # the running child's, as last sampled
+        self.peak = 0  # the most memory the running child has held, sampled or from the kernel
         self._changed: asyncio.Future | None = None
 
     @property
@@ -104,6 +107,13 @@ class Model:
     @property
     def idle(self) -> bool:
         return self.state is S.LOADED and self.in_flight == 0 and self.waiters == 0
+
+    def sample_memory(self) -> MemoryUse | None:
+        use = self.child.memory() if self.child is not None else None
+        self.memory_use = use
+        if use is not None:
+            self.peak = max(self.peak, use.peak)
+        return use
 
     def set_state(self, new: ModelState, detail: str = "") -> None:
         if new not in TRANSITIONS[self.state]:

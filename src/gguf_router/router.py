@@ -18,6 +18,7 @@ from .events import Events
 from .errors import RouterError
 from .ini import ConfigError
 from .launchers import create_launcher
+from .memory import Floors
 from .model import ModelState
 from .proxy import ChildConnector
 from .scheduler import Scheduler
@@ -43,7 +44,7 @@ class Router:
         self.discovery = Discovery(settings.models_dir, settings.hf_cache)
         self.events = Events()
         self.scheduler = Scheduler(create_launcher(settings.launcher, self.runtime_dir), self.runtime_dir,
-                                   settings.models_max, self.events)
+                                   settings.models_max, self.events, Floors(settings.state_dir / "memory-floors.json"))
         # (model, endpoint, status) -> requests answered, for /metrics
         self.request_counts: collections.Counter = collections.Counter()
         self.session: aiohttp.ClientSession | None = None
@@ -181,6 +182,7 @@ class Router:
             log.info("listed models by name; reading the rest of their GGUF headers in the background")
             self.poke(False)
         await self.scheduler.adopt()
+        self._spawn(self.scheduler.watch_memory)
         self.watcher.watch(*self._watched())
         models = list(self.scheduler.models.values())
         invalid = sum(1 for m in models if m.file.error)
@@ -197,6 +199,8 @@ class Router:
     async def stop(self) -> None:
         self.notifier.notify("STOPPING=1")
         self.watcher.stop()
+        for task in self._tasks:
+            task.cancel()
         await self.scheduler.close()
         if self.session is not None:
             await self.session.close()

@@ -25,16 +25,20 @@ from .crashes import WINDOW
 from .events import Events
 from .errors import RouterError, model_not_found
 from .launchers import Child, LaunchError, Launcher, LaunchSpec
+from .memory import Floors, memory_limits
 from .model import HOLDS_SLOT, Exit, Model, ModelState
 
 log = logging.getLogger(__name__)
 S = ModelState
 RESTART = "restarting with new options"
+MEMORY_SAMPLE = 2.0  # seconds between reads of each loaded child's memory
 
 
 class Scheduler:
-    def __init__(self, launcher: Launcher, runtime_dir: Path, models_max: int, events: Events | None = None):
+    def __init__(self, launcher: Launcher, runtime_dir: Path, models_max: int, events: Events | None = None,
+                 floors: Floors | None = None):
         self.launcher = launcher
+        self.floors = floors or Floors(None)
         self.events = events or Events()
         self.runtime_dir = runtime_dir
         self.models_max = models_max
@@ -62,10 +66,28 @@ class Scheduler:
     def socket_for(self, model_id: str) -> Path:
         return socket_path(self.runtime_dir, model_id)
 
+    def memory_floor(self, model: Model) -> int:
+        return self.floors.get(model.id, model.argv)
+
     def spec_for(self, model: Model) -> LaunchSpec:
+        """How to start the model; its unit's memory limits come from its estimate (and what an
+        earlier out-of-memory kill taught), unless its preset sets memory-max."""
         config = model.config
+        limits = dict(config.limits)
+        if config.memory is not None and "MemoryMax" not in limits:
+            memory_max, memory_high = memory_limits(config.memory, self.memory_floor(model))
+            limits["MemoryMax"] = str(memory_max)
+            limits.setdefault("MemoryHigh", str(memory_high))
         return LaunchSpec(model.id, config.argv, self.socket_for(model.id), config.stop_timeout,
-                          config.environment, dict(config.limits), config.devices)
+                          config.environment, limits, config.devices)
+
+    async def watch_memory(self) -> None:
+        """Keeps each loaded model's memory use and peak current."""
+        while True:
+            for model in self.models.values():
+                if model.state is S.LOADED:
+                    model.sample_memory()
+            await asyncio.sleep(MEMORY_SAMPLE)
 
     # -- the model list -------------------------------------------------------------------
 
@@ -305,7 +327,10 @@ class Scheduler:
             self._ended(model, Exit(None, model.stop_reason or "unloaded", failed=False))
             return
         except LaunchError as exc:
-            self._ended(model, Exit(exc.exit_code, "failed to start", True, exc.log_tail),
+            if exc.oom:
+                self._out_of_memory(model, exc.peak)
+            self._ended(model, Exit(exc.exit_code, f"{exc.oom} while loading" if exc.oom else "failed to start",
+                                    True, exc.log_tail),
                         RouterError(503, f"model '{model.id}' failed to load: {exc}{_last_line(exc.log_tail)}"))
             return
         took = time.monotonic() - started
@@ -317,6 +342,8 @@ class Scheduler:
         """A ready child's life: serve until it exits, then record how it ended."""
         model.child = child
         model.loaded_info = child.info
+        model.peak = 0
+        model.sample_memory()
         model.set_state(S.LOADED, how)
         model.last_used = time.monotonic()
         self._settle(model)
@@ -325,13 +352,21 @@ class Scheduler:
         if model.state is S.UNLOADING:
             self._ended(model, Exit(code, model.stop_reason, failed=False))
         else:
-            oom = getattr(child, "oom_killed", False)
-            reason = "killed: out of memory" if oom else "crashed"
+            reason = child.oom or "crashed"
             model.stats.crashes += 1
-            model.stats.oom_kills += oom
+            if child.oom:
+                self._out_of_memory(model, child.peak)
             log.error("model %s: llama-server %s (exit code %s)", model.id, reason, code)
             self._ended(model, Exit(code, reason, True, child.log_tail()))
             self._after_crash(model)
+
+    def _out_of_memory(self, model: Model, peak: int | None) -> None:
+        """Its next start counts it at its peak plus a margin, which raises its unit's limit."""
+        model.stats.oom_kills += 1
+        peak = max(peak or 0, model.peak)
+        if peak:
+            floor = self.floors.record(model.id, model.argv, peak)
+            log.warning("model %s: killed for memory at %d bytes; counted at %d bytes from now on", model.id, peak, floor)
 
     def _after_crash(self, model: Model) -> None:
         """Brings a crashed model back after a growing delay; requests wait for that restart."""

@@ -49,6 +49,14 @@ def systemd_runtime_dir() -> Path | None:
     return Path(value.split(":")[0]) if value else None
 
 
+def default_state_dir() -> Path:
+    # systemd's StateDirectory= (/var/lib/gguf-router); without it, the user's XDG state folder.
+    value = os.environ.get("STATE_DIRECTORY")
+    if value:
+        return Path(value.split(":")[0])
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "gguf-router"
+
+
 # The config file's values for the Settings being built: pydantic-settings builds its sources
 # inside Settings(), so `load_settings` hands them over here rather than through a global.
 _file_values: contextvars.ContextVar[dict[str, Value]] = contextvars.ContextVar("file_values", default={})
@@ -83,6 +91,7 @@ class Settings(BaseSettings):
     stop_timeout: float = Field(10.0, gt=0)
     hf_cache: Path | None = Field(default_factory=default_hf_cache)
     runtime_dir: Path | None = Field(default_factory=systemd_runtime_dir)
+    state_dir: Path = Field(default_factory=default_state_dir)
     log_level: str = "INFO"
     # journald stamps every line itself; a terminal wants the time in the line.
     log_timestamps: bool = Field(default_factory=lambda: "JOURNAL_STREAM" not in os.environ)

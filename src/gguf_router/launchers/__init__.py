@@ -7,11 +7,14 @@ scheduler never knows whether it is a plain process or a systemd unit.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
+
+from .cgroup import MemoryUse
 
 
 # Variables meant for the router alone: a child (or systemd-run) must not answer systemd in its name.
@@ -32,19 +35,32 @@ class LaunchSpec:
     devices: tuple[str, ...] = ()  # device nodes a unit may use (GPUs); a process sees all of /dev
 
 
+def argv_digest(argv: tuple[str, ...]) -> str:
+    """Short and fixed per command line: tells whether a running or recorded child is still current."""
+    return hashlib.sha1("\0".join(argv).encode()).hexdigest()[:16]
+
+
 class LaunchError(Exception):
     """The child exited or could not be started before it was ready."""
 
-    def __init__(self, message: str, exit_code: int | None = None, log_tail: tuple[str, ...] = ()):
+    def __init__(self, message: str, exit_code: int | None = None, log_tail: tuple[str, ...] = (),
+                 oom: str | None = None, peak: int | None = None):
         super().__init__(message)
         self.exit_code = exit_code
         self.log_tail = log_tail
+        self.oom = oom  # how it went over its memory limit, if it was killed for that
+        self.peak = peak  # the most memory it held, when known
 
 
 class Child(Protocol):
     socket: Path
     pid: int | None
     info: dict  # what llama-server reports about its model once ready
+    oom: str | None  # once ended: how it went over its memory limit, if that is how it ended
+    peak: int | None  # once ended: the most memory it held, when known
+
+    def memory(self) -> MemoryUse | None:
+        """Its memory now, its peak so far and the limit enforced on it."""
 
     async def wait(self) -> int:
         """The exit code once the child has ended (negative: killed by that signal)."""
@@ -63,6 +79,8 @@ class ChildExit:
     """What both kinds of child share: a task that ends with the exit code."""
 
     _exit: "asyncio.Task[int]"
+    oom: str | None = None
+    peak: int | None = None
 
     async def wait(self) -> int:
         return await asyncio.shield(self._exit)
@@ -78,7 +96,10 @@ class ChildExit:
 
     def load_failed(self) -> LaunchError:
         code = self._exit.result()
-        return LaunchError(f"llama-server exited with code {code} while loading", code, self.log_tail())
+        if self.oom:
+            return LaunchError(f"llama-server was {self.oom} while loading", code, self.log_tail(), self.oom, self.peak)
+        return LaunchError(f"llama-server exited with code {code} while loading", code, self.log_tail(),
+                           peak=self.peak)
 
 
 class Launcher(Protocol):

@@ -19,6 +19,7 @@ import os
 import signal
 
 from . import ROUTER_ONLY_ENV, Child, ChildExit, LaunchError, LaunchSpec, ProgressCallback
+from .cgroup import MemoryUse, process_memory
 
 log = logging.getLogger("gguf_router.child")
 
@@ -115,6 +116,9 @@ class ProcessChild(ChildExit):
 
     def log_tail(self) -> tuple[str, ...]:
         return tuple(self.history)[-20:]
+
+    def memory(self) -> MemoryUse | None:
+        return None if self._exit.done() else process_memory(self.pid)
 
 
 class ProcessLauncher:

@@ -20,7 +20,8 @@ import signal
 import sys
 from pathlib import Path
 
-from . import ROUTER_ONLY_ENV, Child, ChildExit, LaunchError, LaunchSpec, ProgressCallback
+from . import ROUTER_ONLY_ENV, Child, ChildExit, LaunchError, LaunchSpec, ProgressCallback, argv_digest
+from .cgroup import MemoryUse, UnitMemory, process_memory, size_text
 
 log = logging.getLogger("gguf_router.child")
 
@@ -36,10 +37,6 @@ def unit_name(model_id: str) -> str:
 
 def _in_tmp(path: Path) -> bool:
     return path.is_relative_to("/tmp") or path.is_relative_to("/var/tmp")
-
-
-def argv_digest(argv: tuple[str, ...]) -> str:
-    return hashlib.sha1("\0".join(argv).encode()).hexdigest()[:16]
 
 
 async def http_get(socket: Path, path: str, timeout: float = 5) -> tuple[int, bytes]:
@@ -62,9 +59,14 @@ class SystemdChild(ChildExit):
         self.socket = socket
         self.pid = pid
         self.info: dict = {}
-        self.oom_killed = False
         self._tail: tuple[str, ...] = ()
+        self._cgroup = UnitMemory.find(pid, unit)
         self._exit = asyncio.get_running_loop().create_task(self._wait_exit())
+
+    def memory(self) -> MemoryUse | None:
+        if self._exit.done():
+            return None
+        return (self._cgroup.use() if self._cgroup else None) or process_memory(self.pid)
 
     @property
     def exit_file(self) -> Path:
@@ -82,7 +84,11 @@ class SystemdChild(ChildExit):
         if report is None:
             log.warning("%s: unit %s left no exit report", self.model_id, self.unit)
             return -1
-        self.oom_killed = report["result"] == "oom-kill" or report["oom_kills"] > 0
+        self.peak = report.get("peak")
+        if report["result"] == "oom-kill" or report["oom_kills"] > 0:
+            limit = report.get("limit")
+            self.oom = "killed: out of memory" + (f" (limit {size_text(limit)}, peak {size_text(self.peak or limit)})"
+                                                  if limit else "")
         if report["code"] == "exited":
             return int(report["status"] or 0)
         with contextlib.suppress(ValueError, AttributeError):
