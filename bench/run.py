@@ -20,12 +20,17 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from gguf_router.settings import BUILT_LLAMA_SERVER
+from gguf_router.settings import BUILT_LLAMA_SERVER, CACHE_DIR
 from gguf_router.tinymodels import write_tiny_model
 
 ROUNDS = 3
 RESULTS = Path(__file__).parent / "results"
 LLAMA = Path(os.environ.get("GGUF_ROUTER_LLAMA_SERVER") or BUILT_LLAMA_SERVER)
+REAL_MODELS = Path(os.environ.get("GGUF_ROUTER_REAL_MODELS") or CACHE_DIR / "real-models")
+MEMORY_CASES = [(name, file, ctx) for name, file in (("SmolLM2-135M", "SmolLM2-135M-Instruct-Q4_1.gguf"),
+                                                     ("Gemma-3-270M", "gemma-3-270m-Q4_K_M.gguf"))
+                for ctx in (2048, 8192, 32768)]
+QUESTION = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 4}
 
 
 def free_port() -> int:
@@ -199,6 +204,56 @@ async def discovery(session, tiny: Path, rows):
         shutil.rmtree(folder)
 
 
+def peak_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+async def memory(session) -> list[dict]:
+    """The router's estimate of each real model at each context against its measured peak: a bare
+    llama-server started by hand, and the child gguf-router starts (same options, plus the
+    router's own), each after loading and one short question."""
+    work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    presets = work / "presets.ini"
+    presets.write_text("".join(f"[{name}-{ctx}]\nmodel = {REAL_MODELS / file}\nc = {ctx}\n" for name, file, ctx in MEMORY_CASES))
+    port = free_port()
+    router = Target("gguf-router", [sys.executable, "-m", "gguf_router", "--models-dir", str(work), "--models-max", "1",
+                                    "--models-preset", str(presets), "--config", str(work / "none.conf"),
+                                    "--state-dir", str(work), "--llama-server", str(LLAMA), "--log-level", "warning",
+                                    "--host", "127.0.0.1", "--port", str(port)], port)
+    (work / "none.conf").touch()
+    rows = []
+    try:
+        await router.ready(session)
+        for name, file, ctx in MEMORY_CASES:
+            port = free_port()
+            bare = Target("direct", [str(LLAMA), "-m", str(REAL_MODELS / file), "-c", str(ctx),
+                                     "--host", "127.0.0.1", "--port", str(port)], port)
+            await bare.ready(session)
+            await post(session, bare.url + "/v1/chat/completions", QUESTION)
+            direct_mb = peak_mb(bare.proc.pid)
+            bare.stop()
+            model = f"{name}-{ctx}"
+            await post(session, router.url + "/v1/chat/completions", {**QUESTION, "model": model})
+            async with session.get(router.url + "/models") as r:
+                status = next(m["status"] for m in (await r.json())["data"] if m["id"] == model)
+            child = next(p for p in psutil.Process(router.proc.pid).children() if model in p.cmdline())
+            rows.append({"model": name, "ctx": ctx, "estimate_mb": status["memory_estimate_bytes"] / 2**20,
+                         "direct_mb": direct_mb, "child_mb": peak_mb(child.pid)})
+    finally:
+        router.stop()
+        shutil.rmtree(work)
+    return rows
+
+
+def memory_table(rows) -> str:
+    lines = [f"{'model':14} {'-c':>6} {'estimate MiB':>13} {'llama-server peak':>18} {'error':>7} {'child of gguf-router':>20}"]
+    for r in rows:
+        lines.append(f"{r['model']:14} {r['ctx']:6} {r['estimate_mb']:13.1f} {r['direct_mb']:18.1f} "
+                     f"{(r['estimate_mb'] - r['direct_mb']) / r['direct_mb']:+7.1%} {r['child_mb']:20.1f}")
+    return "\n".join(lines)
+
+
 def table(rows) -> str:
     by = {}
     for r in rows:
@@ -240,11 +295,15 @@ async def main() -> None:
     models = work / "models"
     for seed, name in enumerate(("tiny-a", "tiny-b", "tiny-c")):
         write_tiny_model(models / f"{name}.gguf", seed=seed)
-    rows, rss = [], {}
+    rows, rss, memory_rows = [], {}, []
     connector = aiohttp.TCPConnector(limit=0)
-    only_discovery = sys.argv[1:] == ["discovery"]  # `scripts/dev bench discovery`: that part alone
+    # `scripts/dev bench discovery` or `scripts/dev bench memory`: that part alone
+    only = sys.argv[1] if sys.argv[1:] in (["discovery"], ["memory"]) else None
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
-        targets = [] if only_discovery else [direct(models), llamacpp_router(models), gguf_router(models)]
+        if only in (None, "memory"):
+            print("memory ...", file=sys.stderr)
+            memory_rows = await memory(session)
+        targets = [] if only else [direct(models), llamacpp_router(models), gguf_router(models)]
         try:
             if targets:
                 for t in targets:
@@ -260,17 +319,22 @@ async def main() -> None:
         finally:
             for t in targets:
                 t.stop()
-        print("discovery ...", file=sys.stderr)
-        await discovery(session, models / "tiny-a.gguf", rows)
+        if only in (None, "discovery"):
+            print("discovery ...", file=sys.stderr)
+            await discovery(session, models / "tiny-a.gguf", rows)
+    shutil.rmtree(work)
     for name, mb in rss.items():
         rows.append({"scenario": "RSS MB (router process)", "target": name, "p50_ms": mb})
-    print(table(rows))
+    if rows:
+        print(table(rows))
+    if memory_rows:
+        print(memory_table(memory_rows))
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / ("discovery.json" if only_discovery else "latest.json")).write_text(json.dumps({"rows": rows, "when": time.strftime("%F %T")}, indent=1))
-    if not only_discovery:
+    (RESULTS / f"{only or 'latest'}.json").write_text(
+        json.dumps({"rows": rows, "memory": memory_rows, "when": time.strftime("%F %T")}, indent=1))
+    if only is None:
         chart([r for r in rows if "RSS" not in r["scenario"]], RESULTS / "latest.png")
         print(f"wrote {RESULTS / 'latest.json'} and latest.png", file=sys.stderr)
-    shutil.rmtree(work)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ class Router:
             api_keys = settings.all_api_keys()
             if (settings.models_dir, settings.hf_cache) != (discovery.models_dir, discovery.hf_cache):
                 discovery = Discovery(settings.models_dir, settings.hf_cache)
-            for name in ("host", "port", "runtime_dir"):
+            for name in ("host", "port", "runtime_dir", "state_dir"):
                 if getattr(settings, name) != getattr(self.settings, name):
                     log.warning("%s changed in the config; it takes effect when the router restarts",
                                 name.replace("_", "-"))
