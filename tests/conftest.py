@@ -123,6 +123,14 @@ class RouterProcess:
         except psutil.NoSuchProcess:
             return []
 
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample of the router's /metrics, e.g. metric("gguf_router_model_loads_total", model="tiny-a")."""
+        wanted = "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else ""
+        for line in self.http.get("/metrics").text.splitlines():
+            if line.startswith(name + wanted + " "):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"no sample {name}{wanted} in /metrics")
+
     def child_pid(self, model_id: str) -> int:
         for p in self.children():
             if model_id in p.cmdline():

@@ -18,7 +18,7 @@ def test_cold_then_hot_chat(router):
     hot = router.http.post("/v1/chat/completions", json=chat("tiny-a"))
     assert hot.status_code == 200
     assert router.child_pid("tiny-a") == pid  # the same child served it: no reload
-    assert router.log().count("tiny-a: started llama-server") == 1
+    assert router.metric("gguf_router_model_loads_total", model="tiny-a") == 1
 
 
 def test_streamed_chat_passes_every_chunk_and_done(router):

@@ -1,6 +1,6 @@
-"""Loading, LRU eviction and queueing, watched from outside as a user sees them."""
+"""Loading, LRU eviction and queueing with real children, watched from outside as a user sees them:
+/models (states, queue positions), /metrics (loads, evictions) and the children's pids."""
 
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,8 +26,16 @@ def busy(router, model_id):
     router.wait_for(lambda: router.models()[model_id]["status"].get("in_flight") == 1, what=f"{model_id} busy")
 
 
-def load_order(router) -> list[str]:
-    return re.findall(r"model (\S+): unloaded -> loading", router.log())
+def queue_of(router, model_id):
+    return router.models()[model_id]["status"].get("queue")
+
+
+def loads(router, model_id) -> float:
+    return router.metric("gguf_router_model_loads_total", model=model_id)
+
+
+def evictions(router, model_id) -> float:
+    return router.metric("gguf_router_model_evictions_total", model=model_id)
 
 
 def test_least_recently_used_idle_model_is_evicted_at_the_limit(router):
@@ -38,7 +46,7 @@ def test_least_recently_used_idle_model_is_evicted_at_the_limit(router):
     states = {m: router.state(m) for m in ("tiny-a", "tiny-b", "tiny-c")}
     assert states == {"tiny-a": "loaded", "tiny-b": "unloaded", "tiny-c": "loaded"}
     assert b_pid not in [p.pid for p in router.children()]
-    assert "model tiny-b: loaded -> unloading (evicted)" in router.log()
+    assert evictions(router, "tiny-b") == 1 and evictions(router, "tiny-a") == 0
 
 
 def test_a_busy_model_is_not_evicted_and_the_newcomer_waits(start_router, pool):
@@ -46,7 +54,7 @@ def test_a_busy_model_is_not_evicted_and_the_newcomer_waits(start_router, pool):
     long = pool.submit(post, r, "/completion", long_completion("tiny-a"))
     busy(r, "tiny-a")
     waiting = pool.submit(post, r, "/v1/chat/completions", chat("tiny-b"))
-    r.wait_for(lambda: "model tiny-b: queued" in r.log(), what="tiny-b queued")
+    r.wait_for(lambda: queue_of(r, "tiny-b") == {"waiting": 1, "position": 1}, what="tiny-b queued")
     assert r.state("tiny-a") == "loaded" and r.state("tiny-b") == "unloaded"
     assert not long.done()
     finished = long.result()
@@ -58,7 +66,7 @@ def test_a_busy_model_is_not_evicted_and_the_newcomer_waits(start_router, pool):
 def test_requests_for_one_unloaded_model_start_it_once(router, pool):
     replies = list(pool.map(lambda _: post(router, "/v1/chat/completions", chat("tiny-c")), range(12)))
     assert [r.status_code for r in replies] == [200] * 12
-    assert router.log().count("tiny-c: started llama-server") == 1
+    assert loads(router, "tiny-c") == 1 and len(router.children()) == 1
 
 
 def test_waiting_models_are_served_first_come_first_served(start_router, pool):
@@ -66,14 +74,17 @@ def test_waiting_models_are_served_first_come_first_served(start_router, pool):
     long = pool.submit(post, r, "/completion", long_completion("tiny-a"))
     busy(r, "tiny-a")
     first = [pool.submit(post, r, "/v1/chat/completions", chat("tiny-b"))]
-    r.wait_for(lambda: "model tiny-b: queued" in r.log(), what="tiny-b queued")
+    r.wait_for(lambda: queue_of(r, "tiny-b") == {"waiting": 1, "position": 1}, what="tiny-b queued")
     second = pool.submit(post, r, "/v1/chat/completions", chat("tiny-c"))
-    r.wait_for(lambda: "model tiny-c: queued" in r.log(), what="tiny-c queued")
+    r.wait_for(lambda: queue_of(r, "tiny-c") == {"waiting": 1, "position": 2}, what="tiny-c queued behind it")
     first.append(pool.submit(post, r, "/v1/chat/completions", chat("tiny-b")))  # joins tiny-b's entry
+    r.wait_for(lambda: queue_of(r, "tiny-b") == {"waiting": 2, "position": 1}, what="one entry, two requests")
+    # tiny-a finishes: tiny-b, first in the queue, loads, and tiny-c moves up
+    r.wait_for(lambda: r.state("tiny-b") in ("loading", "loaded"), timeout=60, what="tiny-b's turn")
+    assert r.state("tiny-c") == "unloaded"
     assert all(f.result().status_code == 200 for f in [long, second, *first])
-    assert load_order(r) == ["tiny-a", "tiny-b", "tiny-c"]
-    assert r.log().count("model tiny-b: queued") == 1  # one queue entry, one load, one eviction
-    assert r.log().count("(evicted)") == 2
+    assert [loads(r, m) for m in ("tiny-a", "tiny-b", "tiny-c")] == [1, 1, 1]  # one load each
+    assert [evictions(r, m) for m in ("tiny-a", "tiny-b", "tiny-c")] == [1, 1, 0]
 
 
 def test_a_client_that_leaves_the_queue_costs_no_model_its_slot(start_router, pool):
@@ -82,11 +93,11 @@ def test_a_client_that_leaves_the_queue_costs_no_model_its_slot(start_router, po
     busy(r, "tiny-a")
     with pytest.raises(httpx.ReadTimeout):
         post(r, "/v1/chat/completions", chat("tiny-b"), timeout=0.5)
-    r.wait_for(lambda: "model tiny-b: left the queue" in r.log(), what="tiny-b dropped from the queue")
+    r.wait_for(lambda: queue_of(r, "tiny-b") is None, what="tiny-b dropped from the queue")
     assert long.result().status_code == 200
     time.sleep(0.3)  # room for a wrong eviction to show
     assert r.state("tiny-a") == "loaded" and r.state("tiny-b") == "unloaded"
-    assert "tiny-b: started llama-server" not in r.log()
+    assert loads(r, "tiny-b") == 0 and evictions(r, "tiny-a") == 0
 
 
 @pytest.mark.parametrize("stream", [True, False])

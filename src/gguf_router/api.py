@@ -12,7 +12,7 @@ from sanic.response import JSONResponse, json as json_response
 from . import __version__
 from .errors import RouterError, bad_request
 from .ini import ConfigError
-from .model import Model, ModelState
+from .model import Model, ModelState, Plan
 
 bp = Blueprint("api")
 
@@ -57,23 +57,28 @@ def memory_status(model: Model, floor: int) -> dict:
     return status
 
 
-def model_entry(model: Model, floor: int = 0) -> dict:
+def model_entry(model: Model, scheduler) -> dict:
     file = model.file
     status: dict = {"value": model.state.value, "args": list(model.argv), "preset": model.config.preset_text}
+    if model.waiters or model.plan is Plan.QUEUED:
+        # Requests waiting for it to load, and its place in the queue for a slot (1 = next).
+        status["queue"] = {"waiting": model.waiters, "position": scheduler.queue_position(model)}
+    if model.pinned:
+        status["pinned"] = True
     if file.error:
         status.update(value="invalid", failed=True, error=file.error)
     elif model.state is ModelState.LOADING and model.progress is not None:
         status["progress"] = model.progress
     elif model.state is ModelState.UNLOADED and model.last_exit and model.last_exit.failed:
         last = model.last_exit
-        status.update(exit_code=last.code, failed=True, error=model.gave_up or last.reason,
+        status.update(exit_code=last.code, failed=True, error=model.failure or last.reason,
                       crashes=len(model.crashes), log_tail=list(last.log_tail))
         if model.restart_at is not None:
             status["restart_in"] = round(max(model.restart_at - time.time(), 0.0), 1)
     if model.state is ModelState.LOADED:
         status["in_flight"] = model.in_flight
         status["idle_seconds"] = 0 if model.in_flight else round(time.monotonic() - model.last_used, 1)
-    status.update(memory_status(model, floor))
+    status.update(memory_status(model, scheduler.memory_floor(model)))
     if model.child is not None and getattr(model.child, "unit", None):
         status["unit"] = model.child.unit
     try:
@@ -110,8 +115,7 @@ async def list_models(request: Request) -> JSONResponse:
     if request.args.get("reload") in ("1", "true"):
         await reload_router(router)
     models = sorted((m for m in router.scheduler.models.values() if not m.removed), key=lambda m: m.id)
-    scheduler = router.scheduler
-    return json_response({"data": [model_entry(m, scheduler.memory_floor(m)) for m in models], "object": "list"})
+    return json_response({"data": [model_entry(m, router.scheduler) for m in models], "object": "list"})
 
 
 async def model_events(request: Request):
@@ -187,11 +191,15 @@ async def unload_model(request: Request) -> JSONResponse:
 
 
 def router_props(request: Request) -> JSONResponse:
-    settings = request.app.ctx.router.settings
+    router = request.app.ctx.router
+    settings = router.settings
     return json_response({
         "role": "router",
         "max_instances": settings.models_max,
         "models_autoload": settings.models_autoload,
+        # What the models may hold together (null: no budget), and what the running ones are counted at.
+        "memory_budget_bytes": router.scheduler.limits.budget,
+        "memory_reserved_bytes": router.scheduler.memory_reserved(),
         "model_alias": "llama-server",
         "model_path": "none",
         "default_generation_settings": {"params": None, "n_ctx": 0},

@@ -39,7 +39,7 @@ class OpenAIErrorHandler(ErrorHandler):
         else:
             log.exception("internal error on %s %s", request.method if request else "?", request.path if request else "?")
             error = RouterError(500, f"internal error: {type(exception).__name__}")
-        return json_response(error.body(), status=error.status)
+        return json_response(error.body(), status=error.status, headers=error.headers)
 
 
 def check_api_key(request: Request):

@@ -15,6 +15,7 @@ from .discovery import Discovery, ModelFile
 from .ini import ConfigError
 from .llama_options import has_gpu, options_of
 from .memory import MiB, MemoryEstimate, estimate, shard_bytes
+from .sizes import size_text
 from .presets import Presets, Section, load_presets, parse_child_args, to_argv
 from .settings import Settings
 
@@ -33,6 +34,8 @@ class ModelConfig:
     limits: tuple[tuple[str, str], ...] = ()  # systemd properties for the model's unit, from its preset
     devices: tuple[str, ...] = ()  # device nodes the model's unit may use
     memory: MemoryEstimate | None = None  # None for a file whose header could not be read
+    pinned: bool = False  # never stopped to make room for another model
+    ttl: float = 0.0  # seconds idle before it is stopped; 0 = never
 
     @property
     def id(self) -> str:
@@ -129,9 +132,22 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
         models[model_id] = ModelConfig(
             file, tuple(argv), router.get("alias", ()), router.get("load-on-startup", False),
             router.get("stop-timeout", settings.stop_timeout), _preset_text(model_id, file, effective),
-            router.get("environment", ()), limits, router.get("devices", ()), memory)
+            router.get("environment", ()), limits, router.get("devices", ()), memory,
+            router.get("pin", False), router.get("ttl", settings.models_ttl))
     _check_aliases(models, presets, warnings)
+    _check_pinned(models, presets, settings.budget_bytes())
     return Catalog(models, presets, tuple(warnings))
+
+
+def _check_pinned(models: dict[str, ModelConfig], presets: Presets, budget: int | None) -> None:
+    """Pinned models are never stopped to make room, so together they must fit the budget."""
+    pinned = [c for c in models.values() if c.pinned and c.memory is not None]
+    need = sum(c.memory.host for c in pinned)
+    if budget is not None and need > budget:
+        where = presets.for_model(pinned[-1].id).router["pin"][1].where
+        names = ", ".join(f"{c.id} ({size_text(c.memory.host)})" for c in pinned)
+        raise ConfigError(where, f"the pinned models need {size_text(need)} together, more than the memory budget "
+                          f"of {size_text(budget)}: {names}")
 
 
 def _check_aliases(models: dict[str, ModelConfig], presets: Presets, warnings: list[str]) -> None:

@@ -40,6 +40,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-models-autoload", dest="models_autoload", action="store_false",
                    help="load models only through POST /models/load (or ?autoload=true)")
     p.add_argument("--models-autoload", dest="models_autoload", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--models-ttl", type=float, help="seconds a model may stay idle before it is stopped; 0 = never (default)")
+    p.add_argument("--memory-budget", help="memory the models may hold together: auto (default: RAM minus "
+                   "--memory-reserve), a size (20G), a share of RAM (80%%), or off")
+    p.add_argument("--memory-reserve", help="memory kept free for everything else with --memory-budget auto (default 1G)")
+    p.add_argument("--queue-max", type=int, help="requests that may wait for models to load, all together (default 256)")
+    p.add_argument("--queue-timeout", type=float, help="seconds a request waits for its model to load; 0 = as long as the client (default)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to listen on (default 8080)")
     p.add_argument("--api-key", dest="api_keys", action="append",

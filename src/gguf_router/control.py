@@ -15,7 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-from .launchers.cgroup import size_text
+from .sizes import size_text
 from .settings import Settings
 
 USAGE = """\

@@ -15,10 +15,11 @@ _TYPES = {
 
 
 class RouterError(Exception):
-    def __init__(self, status: int, message: str, type_: str | None = None):
+    def __init__(self, status: int, message: str, type_: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or {}  # Retry-After, for a client told to come back later
         self.type = type_ or _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
     def body(self) -> dict:

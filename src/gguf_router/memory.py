@@ -32,7 +32,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .ggufinfo import GGUFInfo
 from .launchers import argv_digest
-from .launchers.cgroup import size_text
+from .sizes import size_text
 
 log = logging.getLogger(__name__)
 

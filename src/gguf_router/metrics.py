@@ -90,7 +90,21 @@ def router_families(router, request_counts: dict) -> list[Family]:
             ("process_open_fds", "gauge", "the router's open file descriptors", process.num_fds()),
             ("process_start_time_seconds", "gauge", "when the router started (unix time)", process.create_time()),
         ]
-    families = [state, *counters.values(), load_seconds, in_flight, queued, memory, peak, estimate, limit, requests]
+    scheduler = router.scheduler
+    waited = Family("gguf_router_queue_wait_seconds", "summary", "time requests waited for their model to load")
+    waited.add(round(scheduler.waited[1], 6), "_sum")
+    waited.add(scheduler.waited[0], "_count")
+    refused = Family("gguf_router_requests_refused_total", "counter",
+                     "requests refused before reaching a model: queue full, queue timeout, never fits the budget")
+    for reason, count in scheduler.refused.items():
+        refused.add(count, reason=reason)
+    budget = Family("gguf_router_memory_budget_bytes", "gauge", "memory the models may hold together")
+    if scheduler.limits.budget is not None:
+        budget.add(scheduler.limits.budget)
+    reserved = Family("gguf_router_memory_reserved_bytes", "gauge", "memory the running models are counted at")
+    reserved.add(scheduler.memory_reserved())
+    families = [state, *counters.values(), load_seconds, in_flight, queued, memory, peak, estimate, limit, requests,
+                waited, refused, budget, reserved]
     for name, kind, help, value in own:
         family = Family(f"gguf_router_{name}", kind, help)
         family.add(value)

@@ -36,6 +36,17 @@ TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
 HOLDS_SLOT = frozenset({S.LOADING, S.LOADED, S.UNLOADING})
 
 
+class Plan(enum.Enum):
+    """What the scheduler means to do with a model, beside the state its child is in; one at a time."""
+
+    NONE = "none"
+    QUEUED = "queued"  # waiting in the queue for a slot (requests, or an explicit load)
+    BACKOFF = "backoff"  # crashed; started again once its delay is over, requests wait for that
+    RESTART = "restart"  # its options or file changed while running: restarted once idle
+    RETIRE = "retire"  # its file or preset is gone: stopped once idle, then forgotten
+    FAILED = "failed"  # crashed too often: not started again until loaded explicitly (`failure`)
+
+
 class InvalidTransition(RuntimeError):
     pass
 
@@ -68,9 +79,8 @@ class Model:
         self.config = config
         self.on_change = on_change  # told after every state change (live events)
         self.stats = Stats()
-        self.removed = False  # its file or preset is gone: stopped once idle, then forgotten
-        self.restart = False  # its options changed while running: restarted once idle
         self.state = S.UNLOADED
+        self.plan = Plan.NONE
         self.child: Child | None = None
         self.last_exit: Exit | None = None
         self.loaded_info: dict | None = None  # the child's own /v1/models entry, sent when ready
@@ -80,14 +90,15 @@ class Model:
         self.last_used = 0.0
         # Resolved when the pending load ends, so every request waiting for it shares one load.
         self.pending: asyncio.Future | None = None
-        self.pinned = False  # an explicit /models/load keeps its queue entry with no one waiting
+        self.held = False  # an explicit load: its queue entry stays with no one waiting
+        self.waiting_since: float | None = None  # when it joined the queue (monotonic)
         self.generation = 0  # counts launches, so each child gets its own connection pool
         self.stop_reason: str | None = None
         self.runner: asyncio.Task | None = None
         self.crashes = CrashHistory()
         self.restart_at: float | None = None  # wall time of a restart after a crash, while waiting
         self.restart_timer: asyncio.TimerHandle | None = None
-        self.gave_up: str | None = None  # why a crashing model is no longer restarted
+        self.failure: str | None = None  # why it is FAILED
         self.memory_use: MemoryUse | None = None  # the running child's, as last sampled
         self.peak = 0  # the most memory the running child has held, sampled or from the kernel
         self._changed: asyncio.Future | None = None
@@ -107,6 +118,18 @@ class Model:
     @property
     def idle(self) -> bool:
         return self.state is S.LOADED and self.in_flight == 0 and self.waiters == 0
+
+    @property
+    def removed(self) -> bool:
+        return self.plan is Plan.RETIRE
+
+    @property
+    def pinned(self) -> bool:
+        return self.config.pinned
+
+    @property
+    def ttl(self) -> float:
+        return self.config.ttl
 
     def sample_memory(self) -> MemoryUse | None:
         use = self.child.memory() if self.child is not None else None

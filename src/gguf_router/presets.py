@@ -31,6 +31,16 @@ def _positive_seconds(value: Value, key: str) -> float:
     return seconds
 
 
+def _seconds(value: Value, key: str) -> float:
+    try:
+        seconds = float(value.text)
+    except ValueError:
+        seconds = -1.0
+    if seconds < 0:
+        raise ConfigError(value.where, f"{key} = {value.text!r} must be a number of seconds (0 = never)")
+    return seconds
+
+
 def _names(value: Value, key: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in value.text.split(",") if n.strip())
 
@@ -66,6 +76,8 @@ _MEMORY = _matching(r"\d+(\.\d+)?[KMGT]?|\d+(\.\d+)?%|infinity", "a size like 51
 ROUTER_KEYS: dict[str, Callable[[Value, str], Any]] = {
     "load-on-startup": parse_bool,
     "stop-timeout": _positive_seconds,
+    "ttl": _seconds,  # idle seconds before the model is stopped (0 = never)
+    "pin": parse_bool,  # never stopped to make room; still counted in the memory budget
     "alias": _names,
     # systemd launcher: the model unit's resource limits; `environment` reaches either launcher.
     "memory-max": _MEMORY,

@@ -21,7 +21,8 @@ from .launchers import create_launcher
 from .memory import Floors
 from .model import ModelState
 from .proxy import ChildConnector
-from .scheduler import Scheduler
+from .policy import Limits
+from .scheduler import QueueLimits, Scheduler
 from .settings import Settings
 from .systemd import Notifier
 from .watcher import Watcher
@@ -31,6 +32,14 @@ log = logging.getLogger(__name__)
 DEBOUNCE = 0.25  # seconds: a copy or an editor's save is a burst of events, worth one rescan
 SETTLE = 1.0  # seconds a new GGUF must stay unchanged before it is offered
 STARTUP_HEADERS = 500  # headers read before serving (about 0.1 s); the rest right after
+
+
+def scheduling_limits(settings: Settings) -> Limits:
+    return Limits(settings.models_max, settings.budget_bytes())
+
+
+def queue_limits(settings: Settings) -> QueueLimits:
+    return QueueLimits(settings.queue_max, settings.queue_timeout)
 
 
 class Router:
@@ -44,7 +53,8 @@ class Router:
         self.discovery = Discovery(settings.models_dir, settings.hf_cache)
         self.events = Events()
         self.scheduler = Scheduler(create_launcher(settings.launcher, self.runtime_dir), self.runtime_dir,
-                                   settings.models_max, self.events, Floors(settings.state_dir / "memory-floors.json"))
+                                   scheduling_limits(settings), self.events,
+                                   Floors(settings.state_dir / "memory-floors.json"), queue_limits(settings))
         # (model, endpoint, status) -> requests answered, for /metrics
         self.request_counts: collections.Counter = collections.Counter()
         self.session: aiohttp.ClientSession | None = None
@@ -112,7 +122,7 @@ class Router:
         self.settings, self.presets, self.cli, self.api_keys = settings, presets, cli, api_keys
         self.discovery = discovery
         discovery.settle = SETTLE
-        self.scheduler.models_max = settings.models_max
+        self.scheduler.limits, self.scheduler.queue_limits = scheduling_limits(settings), queue_limits(settings)
         self.scheduler.set_catalog(catalog.models)
         for warning in catalog.warnings:
             if warning not in self._warned:
@@ -182,7 +192,7 @@ class Router:
             log.info("listed models by name; reading the rest of their GGUF headers in the background")
             self.poke(False)
         await self.scheduler.adopt()
-        self._spawn(self.scheduler.watch_memory)
+        self._spawn(self.scheduler.tick)
         self.watcher.watch(*self._watched())
         models = list(self.scheduler.models.values())
         invalid = sum(1 for m in models if m.file.error)

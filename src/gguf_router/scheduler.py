@@ -1,13 +1,14 @@
-"""Decides which models run: loads on demand, queues for a free slot, evicts the least recently used.
+"""Runs the models: loads on demand, queues for a slot and for memory, stops what must make room.
 
-Rules, as llama.cpp's router has them, minus its races:
-- at most `models_max` models hold a slot (loading, loaded or stopping); 0 means no limit;
-- a model that is serving or has requests waiting for it is never evicted;
-- models waiting for a slot queue FIFO; all requests for one model share one queue entry, one
-  load and one eviction; a queue entry whose last request left is dropped, so it costs no one
-  a slot;
-- the capacity check and the eviction happen in one step (`_pump`), which runs on the event
-  loop without awaiting, so no other decision can interleave;
+The decisions themselves (who starts, who is stopped, whose time to live is over) are pure
+functions in policy.py; this module keeps the models' state, turns it into records for them,
+and carries out the answers. Beyond policy.py's rules:
+- all requests for one model share one queue entry, one load and one eviction; a queue entry
+  whose last request left is dropped, so it costs no one a slot;
+- a model that could never fit the memory budget is refused before anything starts;
+- requests waiting for loads are bounded (`queue_max`) and may give up after `queue_timeout`;
+- deciding and carrying out happen in one step (`_pump`) on the event loop without awaiting, so
+  no two decisions interleave;
 - a new catalog (files or presets changed) never interrupts a request: a model whose options
   changed is restarted, and one whose file is gone is stopped, once it is idle.
 """
@@ -17,36 +18,51 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import policy
 from .catalog import ModelConfig, socket_path
 from .crashes import WINDOW
 from .events import Events
 from .errors import RouterError, model_not_found
 from .launchers import Child, LaunchError, Launcher, LaunchSpec
+from .sizes import size_text
 from .memory import Floors, memory_limits
-from .model import HOLDS_SLOT, Exit, Model, ModelState
+from .model import HOLDS_SLOT, Exit, Model, ModelState, Plan
 
 log = logging.getLogger(__name__)
 S = ModelState
 RESTART = "restarting with new options"
-MEMORY_SAMPLE = 2.0  # seconds between reads of each loaded child's memory
+TICK = 1.0  # seconds between looks at time to live and each loaded child's memory
+RETRY_AFTER = 5  # seconds a client told "too many waiting" is asked to wait before trying again
+
+
+@dataclass
+class QueueLimits:
+    max_waiting: int = 256  # requests waiting for a model to load, all models together
+    timeout: float = 0.0  # seconds a request waits for its model's load; 0 = as long as the client
 
 
 class Scheduler:
-    def __init__(self, launcher: Launcher, runtime_dir: Path, models_max: int, events: Events | None = None,
-                 floors: Floors | None = None):
+    def __init__(self, launcher: Launcher, runtime_dir: Path, limits: policy.Limits, events: Events | None = None,
+                 floors: Floors | None = None, queue: QueueLimits | None = None):
         self.launcher = launcher
+        self.limits = limits
+        self.queue_limits = queue or QueueLimits()
         self.floors = floors or Floors(None)
         self.events = events or Events()
         self.runtime_dir = runtime_dir
-        self.models_max = models_max
         self.models: dict[str, Model] = {}
         self._aliases: dict[str, str] = {}
-        self._queue: dict[str, Model] = {}  # insertion order is arrival order
+        self._queue: dict[str, Model] = {}  # models whose plan is QUEUED, in arrival order
+        self._holding: dict[str, Model] = {}  # models whose state holds a slot
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
+        self.waiting = 0  # requests waiting for a model to load, all models together
+        self.waited = [0, 0.0]  # requests that waited for a load, and their seconds, for /metrics
+        self.refused: dict[str, int] = {"queue_full": 0, "queue_timeout": 0, "never_fits": 0}
 
     # -- what the API reads ---------------------------------------------------------------
 
@@ -69,6 +85,21 @@ class Scheduler:
     def memory_floor(self, model: Model) -> int:
         return self.floors.get(model.id, model.argv)
 
+    def counted(self, model: Model) -> int:
+        """The memory a model is taken to need: its estimate, or more if it needed more before
+        (a floor learned from an out-of-memory kill) or is seen using more now."""
+        estimate = model.config.memory.host if model.config.memory else 0
+        return max(estimate, self.memory_floor(model), model.peak if model.state in HOLDS_SLOT else 0)
+
+    def memory_reserved(self) -> int:
+        return sum(self.counted(m) for m in self._holding.values())
+
+    def queue_position(self, model: Model) -> int | None:
+        """1 for the first queue entry, and so on; None when it is not queued."""
+        if model.plan is not Plan.QUEUED:
+            return None
+        return next(i for i, queued in enumerate(self._queue.values(), 1) if queued is model)
+
     def spec_for(self, model: Model) -> LaunchSpec:
         """How to start the model; its unit's memory limits come from its estimate (and what an
         earlier out-of-memory kill taught), unless its preset sets memory-max."""
@@ -81,14 +112,6 @@ class Scheduler:
         return LaunchSpec(model.id, config.argv, self.socket_for(model.id), config.stop_timeout,
                           config.environment, limits, config.devices)
 
-    async def watch_memory(self) -> None:
-        """Keeps each loaded model's memory use and peak current."""
-        while True:
-            for model in self.models.values():
-                if model.state is S.LOADED:
-                    model.sample_memory()
-            await asyncio.sleep(MEMORY_SAMPLE)
-
     # -- the model list -------------------------------------------------------------------
 
     def set_catalog(self, configs: dict[str, ModelConfig]) -> None:
@@ -96,19 +119,22 @@ class Scheduler:
         for model_id, config in configs.items():
             model = self.models.get(model_id)
             if model is None:
-                self.models[model_id] = Model(config, self._publish)
+                self.models[model_id] = Model(config, self._on_change)
                 continue
             changed = (config.argv, config.file.stamp) != (model.argv, model.file.stamp)
-            model.config, model.removed = config, False
+            model.config = config
+            if model.plan is Plan.RETIRE:
+                model.plan = Plan.NONE  # it came back
             if changed:
                 model.crashes.reset()  # new options may well fix what crashed it
-                model.gave_up = None
-                if model.state in (S.LOADING, S.LOADED) and not model.restart:
+                if model.plan is Plan.FAILED:
+                    model.plan, model.failure = Plan.NONE, None
+                if model.state in (S.LOADING, S.LOADED) and model.plan is Plan.NONE:
                     log.info("model %s: its options or file changed; restarting it once idle", model_id)
-                    model.restart = True
+                    model.plan = Plan.RESTART
         for model_id in set(self.models) - set(configs):
             model = self.models[model_id]
-            if self._queue.get(model_id) is model:
+            if model.plan is Plan.QUEUED:
                 self._dequeue(model, "its file or preset was removed")
             self._cancel_restart(model, "its file or preset was removed")
             if model.state is S.UNLOADED:
@@ -116,7 +142,7 @@ class Scheduler:
                 self.events.publish("model_remove", model_id)
             elif not model.removed:
                 log.info("model %s: its file or preset is gone; stopping it once idle", model_id)
-                model.removed = True
+                model.plan = Plan.RETIRE
         self._aliases = {alias: c.id for c in configs.values() for alias in c.aliases}
         for model in list(self.models.values()):
             self._retire_if_idle(model)
@@ -127,30 +153,68 @@ class Scheduler:
     async def acquire(self, model_id: str, autoload: bool) -> Model:
         """Returns the model loaded, counted as serving until `release`."""
         model = self.loadable(model_id)
+        waited_from = None
         while True:
             if model.state is S.LOADED:
                 model.in_flight += 1
                 model.last_used = time.monotonic()
+                if waited_from is not None:
+                    self.waited[0] += 1
+                    self.waited[1] += time.monotonic() - waited_from
                 return model
             if model.state is S.UNLOADING:
                 await model.changed()
                 continue
             if model.pending is None:
-                if model.removed:
-                    raise model_not_found(model.id)
-                if model.gave_up:
+                if model.plan is Plan.FAILED:
                     tail = model.last_exit.log_tail if model.last_exit else ()
-                    raise RouterError(503, f"model '{model.id}' failed: {model.gave_up}{_last_line(tail)}")
+                    raise RouterError(503, f"model '{model.id}' failed: {model.failure}{_last_line(tail)}")
                 if not autoload:
                     raise RouterError(400, "model is not loaded")
+                self._check_fits(model)
+            self._check_queue_room()
+            if model.pending is None:
                 self._enqueue(model)
+            waited_from = waited_from or time.monotonic()
             model.waiters += 1
+            self.waiting += 1
             try:
-                await asyncio.shield(model.pending)
+                await self._wait_pending(model)
             finally:
                 model.waiters -= 1
-                if model.waiters == 0 and not model.pinned and self._queue.get(model.id) is model:
+                self.waiting -= 1
+                if model.waiters == 0 and not model.held and model.plan is Plan.QUEUED:
                     self._dequeue(model, "every request waiting for it left")
+
+    async def _wait_pending(self, model: Model) -> None:
+        timeout = self.queue_limits.timeout or None
+        try:
+            await asyncio.wait_for(asyncio.shield(model.pending), timeout)
+        except asyncio.TimeoutError:
+            self.refused["queue_timeout"] += 1
+            raise RouterError(503, f"model '{model.id}' was not loaded within the queue timeout of "
+                              f"{timeout:g} s (--queue-timeout); try again later",
+                              headers={"Retry-After": str(RETRY_AFTER)}) from None
+
+    def _check_queue_room(self) -> None:
+        if self.waiting >= self.queue_limits.max_waiting:
+            self.refused["queue_full"] += 1
+            raise RouterError(503, f"too many requests are waiting for models to load ({self.waiting}, "
+                              f"--queue-max {self.queue_limits.max_waiting}); try again later",
+                              headers={"Retry-After": str(RETRY_AFTER)})
+
+    def _check_fits(self, model: Model) -> None:
+        """Refuses at once a model that could not start even with every other model stopped that may be."""
+        budget = self.limits.budget
+        need = self.counted(model)
+        pinned = sum(self.counted(m) for m in self.models.values()
+                     if m is not model and m.pinned and m.state in HOLDS_SLOT)
+        if policy.never_fits(need, pinned, budget):
+            self.refused["never_fits"] += 1
+            beside = f" beside the pinned models' {size_text(pinned)}" if pinned else ""
+            raise RouterError(503, f"model '{model.id}' needs an estimated {size_text(need)}{beside}, more than the "
+                              f"memory budget of {size_text(budget)} (--memory-budget): lower its context "
+                              f"(preset key ctx-size) or raise the budget")
 
     def release(self, model: Model) -> None:
         model.in_flight -= 1
@@ -164,20 +228,22 @@ class Scheduler:
         model = self.loadable(model_id)
         if model.state in HOLDS_SLOT and model.state is not S.UNLOADING:
             raise RouterError(400, "model is already running")
-        model.pinned = True
-        model.gave_up = None
+        self._check_fits(model)
+        if model.plan is Plan.FAILED:
+            model.plan, model.failure = Plan.NONE, None
         model.crashes.reset()
-        if model.restart_timer is not None:  # no need to wait out the backoff when asked
+        model.held = True
+        if model.plan is Plan.BACKOFF:  # no need to wait out the backoff when asked
             self._restart_after_crash(model)
         elif model.pending is None:
             self._enqueue(model)
 
     def unload(self, model_id: str) -> None:
         model = self.get(model_id)
-        if self._queue.get(model.id) is model:
+        if model.plan is Plan.QUEUED:
             self._dequeue(model, "unloaded before it got a slot")
             return
-        if model.restart_timer is not None:
+        if model.plan is Plan.BACKOFF:
             self._cancel_restart(model, "unloaded while waiting to restart after a crash")
             return
         if model.state not in (S.LOADING, S.LOADED):
@@ -185,7 +251,8 @@ class Scheduler:
         self._stop(model, "unloaded")
 
     async def adopt(self) -> None:
-        """Serves the children an earlier router left running (systemd units), without reloading them."""
+        """Serves the children an earlier router left running (systemd units), without reloading
+        them, as far as the slots and the budget hold them (most recently started first)."""
         expected = {m.id: self.spec_for(m) for m in self.models.values() if not m.file.error}
         try:
             children = await self.launcher.adopt(expected)
@@ -194,12 +261,26 @@ class Scheduler:
             return
         for model_id, child in children.items():
             model = self.models[model_id]
-            if model.state is not S.UNLOADED or not self._has_free_slot():
+            entry = policy.Waiting(model.id, self.counted(model))
+            if model.state is not S.UNLOADED or not policy.admit([entry], self._records(), self.limits).start:
+                log.info("model %s: not adopted, no room for it; stopping its unit", model_id)
                 await child.stop(model.config.stop_timeout)
                 continue
             model.set_state(S.LOADING, f"found running as pid {child.pid}")
             model.generation += 1
             model.runner = self._spawn(self._serve(model, child, "adopted, not reloaded"))
+
+    async def tick(self) -> None:
+        """Once a second: each loaded child's memory, and models idle past their time to live."""
+        while True:
+            for model in self._holding.values():
+                if model.state is S.LOADED:
+                    model.sample_memory()
+            for model_id in policy.expired(self._records(), time.monotonic()):
+                model = self.models[model_id]
+                self._stop(model, f"idle for {model.ttl:g} s (ttl)")
+            self._pump()  # a model seen using more may no longer leave room for the next one
+            await asyncio.sleep(TICK)
 
     async def close(self) -> None:
         """At shutdown: stops every child, or leaves them running if they outlive the router."""
@@ -222,20 +303,42 @@ class Scheduler:
 
     # -- decisions ------------------------------------------------------------------------
 
+    def _records(self) -> list[policy.Running]:
+        return [policy.Running(m.id, m.state is S.UNLOADING, m.idle, m.last_used, self.counted(m), m.pinned, m.ttl)
+                for m in self._holding.values()]
+
+    def _pump(self) -> None:
+        """Asks policy.admit and carries out its answer: starts, and stops to make room."""
+        if self._closing or not self._queue:
+            return
+        queue = [policy.Waiting(m.id, self.counted(m), m.state is S.UNLOADED) for m in self._queue.values()]
+        decision = policy.admit(queue, self._records(), self.limits)
+        for model_id in decision.start:
+            model = self._queue.pop(model_id)
+            model.plan, model.held = Plan.NONE, False
+            self._start(model)
+        for model_id in decision.stop:
+            victim = self.models[model_id]
+            victim.stats.evictions += 1
+            self._stop(victim, "evicted")
+
     def _enqueue(self, model: Model) -> None:
         model.pending = asyncio.get_running_loop().create_future()
+        model.plan = Plan.QUEUED
+        model.waiting_since = time.monotonic()
         self._queue[model.id] = model
         log.info("model %s: queued for a slot (%d in queue)", model.id, len(self._queue))
         self._pump()
 
     def _dequeue(self, model: Model, why: str) -> None:
         del self._queue[model.id]
-        model.pinned = False
+        model.plan, model.held = Plan.NONE, False
         log.info("model %s: left the queue: %s", model.id, why)
         self._settle(model, RouterError(503, f"model '{model.id}' was not loaded: {why}"))
 
     def _settle(self, model: Model, error: Exception | None = None) -> None:
         pending, model.pending = model.pending, None
+        model.waiting_since = None
         if pending is not None and not pending.done():
             if error is None:
                 pending.set_result(None)
@@ -243,32 +346,12 @@ class Scheduler:
                 pending.set_exception(error)
                 pending.exception()  # retrieved here: a load with no one left waiting is no error
 
-    def _has_free_slot(self) -> bool:
-        if self.models_max == 0:
-            return True
-        return sum(m.state in HOLDS_SLOT for m in self.models.values()) < self.models_max
-
-    def _pump(self) -> None:
-        """Gives free slots to the queue in order, evicting idle models for the rest."""
-        if self._closing:
-            return
-        while self._has_free_slot():
-            # A model explicitly loaded while it was stopping waits for its old child to exit.
-            model = next((m for m in self._queue.values() if m.state is S.UNLOADED), None)
-            if model is None:
-                break
-            del self._queue[model.id]
-            model.pinned = False
-            self._start(model)
-        # Each model already stopping frees a slot for one queue entry; evict for the others.
-        freeing = sum(m.state is S.UNLOADING for m in self.models.values())
-        for _ in range(len(self._queue) - freeing):
-            victims = [m for m in self.models.values() if m.idle]
-            if not victims:
-                return
-            victim = min(victims, key=lambda m: m.last_used)
-            victim.stats.evictions += 1
-            self._stop(victim, "evicted")
+    def _on_change(self, model: Model) -> None:
+        if model.state in HOLDS_SLOT:
+            self._holding[model.id] = model
+        else:
+            self._holding.pop(model.id, None)
+        self._publish(model)
 
     def _publish(self, model: Model) -> None:
         """A `status_change` event, as llama.cpp's router sends it."""
@@ -298,7 +381,7 @@ class Scheduler:
         model.runner = self._spawn(self._run(model))
 
     def _retire_if_idle(self, model: Model) -> None:
-        if (model.removed or model.restart) and model.idle:
+        if model.plan in (Plan.RETIRE, Plan.RESTART) and model.idle:
             self._stop(model, "its file or preset was removed" if model.removed else RESTART)
 
     def _stop(self, model: Model, reason: str) -> None:
@@ -370,17 +453,18 @@ class Scheduler:
 
     def _after_crash(self, model: Model) -> None:
         """Brings a crashed model back after a growing delay; requests wait for that restart."""
-        if self._closing or model.removed or model.pending is not None:
+        if self._closing or model.plan is not Plan.NONE or model.pending is not None:
             return
         delay = model.crashes.record(time.monotonic())
         if delay is None:
-            model.gave_up = f"crashed {len(model.crashes)} times in {WINDOW:.0f} s; not restarted until loaded again"
-            log.error("model %s: %s", model.id, model.gave_up)
+            model.plan = Plan.FAILED
+            model.failure = f"crashed {len(model.crashes)} times in {WINDOW:.0f} s; not restarted until loaded again"
+            log.error("model %s: %s", model.id, model.failure)
             return
         log.warning("model %s: restarting in %.0f s (crash %d in %.0f s)", model.id, delay, len(model.crashes), WINDOW)
         loop = asyncio.get_running_loop()
         model.pending = loop.create_future()
-        model.pinned = True
+        model.plan = Plan.BACKOFF
         model.restart_at = time.time() + delay
         model.restart_timer = loop.call_later(delay, self._restart_after_crash, model)
 
@@ -388,14 +472,15 @@ class Scheduler:
         model.stats.restarts += 1
         model.restart_timer.cancel()
         model.restart_timer = model.restart_at = None
+        model.plan, model.held = Plan.QUEUED, True
         self._queue[model.id] = model  # its pending future already holds the waiting requests
         self._pump()
 
     def _cancel_restart(self, model: Model, why: str) -> None:
-        if model.restart_timer is not None:
+        if model.plan is Plan.BACKOFF:
             model.restart_timer.cancel()
             model.restart_timer = model.restart_at = None
-            model.pinned = False
+            model.plan = Plan.NONE
             self._settle(model, RouterError(503, f"model '{model.id}' was not restarted: {why}"))
 
     def _ended(self, model: Model, exit: Exit, error: RouterError | None = None) -> None:
@@ -404,13 +489,14 @@ class Scheduler:
         model.last_exit = exit
         model.set_state(S.UNLOADED, f"{exit.reason}, exit code {exit.code}")
         self._settle(model, error or RouterError(503, f"model '{model.id}' was unloaded while loading"))
-        restart, model.restart = model.restart and exit.reason == RESTART, False
         if model.removed and self.models.get(model.id) is model:
             del self.models[model.id]
             self.events.publish("model_remove", model.id)
-        elif restart and not self._closing:
-            model.pinned = True
-            self._enqueue(model)
+        elif model.plan is Plan.RESTART:
+            model.plan = Plan.NONE
+            if exit.reason == RESTART and not self._closing:
+                model.held = True
+                self._enqueue(model)
         self._pump()
 
 

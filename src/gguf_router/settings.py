@@ -18,6 +18,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .ini import ConfigError, Value, read_ini
+from .sizes import parse_size
 
 ETC_DIR = Path("/etc/gguf-router")
 DEFAULT_CONFIG = ETC_DIR / "gguf-router.conf"
@@ -79,6 +80,13 @@ class Settings(BaseSettings):
     models_preset: Path | None = None
     models_max: int = Field(4, ge=0, description="models loaded at once; 0 = unlimited")
     models_autoload: bool = True
+    models_ttl: float = Field(0.0, ge=0, description="seconds idle before a model is stopped; 0 = never")
+    # What the models may hold together: `auto` = the host's memory (or the router's cgroup
+    # limit) minus memory_reserve; a size (20G), a share of RAM (80%), or `off`.
+    memory_budget: str = "auto"
+    memory_reserve: str = "1G"
+    queue_max: int = Field(256, ge=1, description="requests waiting for models to load, all together")
+    queue_timeout: float = Field(0.0, ge=0, description="seconds a request waits for its model; 0 = no limit")
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     # Comma-separated in the environment, like llama-server's LLAMA_API_KEY.
@@ -122,6 +130,24 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = value.split(",")
         return tuple(k.strip() for k in value if k and k.strip())
+
+    def budget_bytes(self) -> int | None:
+        """The memory budget in bytes; None when it is off."""
+        if self.memory_budget == "off":
+            return None
+        if self.memory_budget == "auto":
+            from .launchers.cgroup import host_memory
+            return max(host_memory() - parse_size(self.memory_reserve), 0)
+        return parse_size(self.memory_budget)
+
+    @field_validator("memory_budget", "memory_reserve")
+    @classmethod
+    def _size(cls, value, info):
+        value = value.strip().lower()
+        if info.field_name == "memory_budget" and value in ("auto", "off"):
+            return value
+        parse_size(value, total=1)  # raises ValueError with the reason
+        return value
 
     @field_validator("log_level")
     @classmethod

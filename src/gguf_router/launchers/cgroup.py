@@ -8,19 +8,11 @@ no per-unit counter, and the child's own process figures are what is left (`proc
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 UNLIMITED = 1 << 62  # cgroup v1 prints "no limit" as a number close to 2^63
-
-
-def size_text(value: float) -> str:
-    """Bytes for people: 512 B, 98.4 MiB, 1.5 GiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return ""
 
 
 @dataclass(frozen=True)
@@ -38,7 +30,8 @@ class UnitMemory:
         self.v2 = v2
 
     @classmethod
-    def find(cls, pid: int | str, unit: str) -> "UnitMemory | None":
+    def of(cls, pid: int | str) -> "tuple[UnitMemory, str] | None":
+        """The memory cgroup a process is in, and its path; None without a memory controller."""
         try:
             lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
         except OSError:
@@ -46,14 +39,16 @@ class UnitMemory:
         for line in lines:
             number, controllers, path = line.split(":", 2)
             if "memory" in controllers.split(","):
-                found = cls(Path(f"/sys/fs/cgroup/memory{path}"), v2=False)
-            elif number == "0" and len(lines) == 1:
-                found = cls(Path(f"/sys/fs/cgroup{path}"), v2=True)
-            else:
-                continue
-            # A shared cgroup (a v1 user manager's) counts other processes too: not this unit's.
-            return found if path.endswith("/" + unit) else None
+                return cls(Path(f"/sys/fs/cgroup/memory{path}"), v2=False), path
+            if number == "0" and len(lines) == 1:
+                return cls(Path(f"/sys/fs/cgroup{path}"), v2=True), path
         return None
+
+    @classmethod
+    def find(cls, pid: int | str, unit: str) -> "UnitMemory | None":
+        found = cls.of(pid)
+        # A shared cgroup (a v1 user manager's) counts other processes too: not this unit's.
+        return found[0] if found and found[1].endswith("/" + unit) else None
 
     def _read(self, v2_name: str, v1_name: str) -> int | None:
         try:
@@ -97,3 +92,11 @@ def process_memory(pid: int | None) -> MemoryUse | None:
     if "VmRSS" not in fields:
         return None
     return MemoryUse(fields["VmRSS"], fields.get("VmHWM", fields["VmRSS"]), None)
+
+
+def host_memory() -> int:
+    """The RAM of this host, or the memory limit of the router's own cgroup if that is lower."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    own = UnitMemory.of("self")
+    limit = own[0]._read("memory.max", "memory.limit_in_bytes") if own else None
+    return min(ram, limit) if limit else ram

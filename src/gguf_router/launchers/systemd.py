@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from . import ROUTER_ONLY_ENV, Child, ChildExit, LaunchError, LaunchSpec, ProgressCallback, argv_digest
-from .cgroup import MemoryUse, UnitMemory, process_memory, size_text
+from ..sizes import size_text
+from .cgroup import MemoryUse, UnitMemory, process_memory
 
 log = logging.getLogger("gguf_router.child")
 
