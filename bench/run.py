@@ -254,6 +254,38 @@ def memory_table(rows) -> str:
     return "\n".join(lines)
 
 
+def admission(models: Path, rows) -> None:
+    """What one admission decision costs with 10,000 models listed, 4 of them running and one
+    waiting: the scheduler's records of the running models and policy.admit over them."""
+    from gguf_router import policy
+    from gguf_router.catalog import ModelConfig
+    from gguf_router.discovery import ModelFile
+    from gguf_router.ggufinfo import read_info
+    from gguf_router.memory import estimate
+    from gguf_router.model import ModelState
+    from gguf_router.scheduler import Scheduler
+
+    info = read_info(models / "tiny-a.gguf")
+    memory = estimate(info, {})
+    configs = {f"m{i:05d}": ModelConfig(ModelFile(f"m{i:05d}", models / "tiny-a.gguf", "models_dir", info=info),
+                                        ("llama-server",), memory=memory) for i in range(10_000)}
+    scheduler = Scheduler(None, Path("/nonexistent"), policy.Limits(4, 1 << 34))
+    scheduler.set_catalog(configs)
+    for model in list(scheduler.models.values())[:4]:
+        model.set_state(ModelState.LOADING)
+        model.set_state(ModelState.LOADED)
+    newcomer = scheduler.models["m09999"]
+    times = []
+    for _ in range(2000):
+        t = time.perf_counter()
+        decision = policy.admit([policy.Waiting(newcomer.id, scheduler.counted(newcomer))], scheduler.records(),
+                                scheduler.limits)
+        times.append(time.perf_counter() - t)
+    assert decision.stop == ["m00000"]
+    rows.append({"scenario": "admission decision, 10000 models", "target": "gguf-router",
+                 "p50_ms": pct(times, 0.5), "p99_ms": pct(times, 0.99)})
+
+
 def table(rows) -> str:
     by = {}
     for r in rows:
@@ -297,8 +329,8 @@ async def main() -> None:
         write_tiny_model(models / f"{name}.gguf", seed=seed)
     rows, rss, memory_rows = [], {}, []
     connector = aiohttp.TCPConnector(limit=0)
-    # `scripts/dev bench discovery` or `scripts/dev bench memory`: that part alone
-    only = sys.argv[1] if sys.argv[1:] in (["discovery"], ["memory"]) else None
+    # `scripts/dev bench discovery`, `... memory` or `... admission`: that part alone
+    only = sys.argv[1] if sys.argv[1:] in (["discovery"], ["memory"], ["admission"]) else None
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         if only in (None, "memory"):
             print("memory ...", file=sys.stderr)
@@ -322,6 +354,8 @@ async def main() -> None:
         if only in (None, "discovery"):
             print("discovery ...", file=sys.stderr)
             await discovery(session, models / "tiny-a.gguf", rows)
+    if only in (None, "admission"):
+        admission(models, rows)
     shutil.rmtree(work)
     for name, mb in rss.items():
         rows.append({"scenario": "RSS MB (router process)", "target": name, "p50_ms": mb})

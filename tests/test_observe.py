@@ -90,13 +90,16 @@ def cli(router, *args):
 
 
 def test_ps_load_unload_and_logs_against_a_running_router(router):
-    assert cli(router, "ps").stdout.split() == ["MODEL", "STATE", "ESTIMATE", "MEMORY", "PEAK", "LIMIT", "IDLE", "FOR", "UNIT"]
+    assert cli(router, "ps").stdout.splitlines()[0].split() == ["MODEL", "STATE", "ESTIMATE", "MEMORY", "PEAK", "LIMIT",
+                                                                 "IDLE", "FOR", "UNIT"]
     assert cli(router, "load", "tiny-c").stdout.strip() == "tiny-c: loading"
     router.wait_for(lambda: router.state("tiny-c") == "loaded", what="tiny-c loaded")
     row = cli(router, "ps").stdout.splitlines()[1].split()
     # estimate, use and peak in MiB; no limit on a child process
     assert row[:2] == ["tiny-c", "loaded"] and row[3] == row[5] == row[7] == "MiB" and row[8] == "-"
     assert "tiny-a" in cli(router, "ps", "--all").stdout
+    budget = router.http.get("/props").json()["memory_budget_bytes"]  # auto: RAM minus 1 GiB
+    assert cli(router, "ps").stdout.splitlines()[-1].startswith(f"memory budget {budget / 2**30:.1f} GiB: ")
     log = cli(router, "logs", "tiny-c", "-n", "5").stdout
     assert "listening on unix://" in log or "model loaded" in log or "slot" in log
     assert cli(router, "unload", "tiny-c").returncode == 0

@@ -32,7 +32,7 @@ def state_of(page, model: str, state: str):
 
 
 def test_the_page_lists_loads_chats_and_unloads_live_with_an_api_key(start_router, page):
-    router = start_router("--api-key", "page-key", "--models-max", "2")
+    router = start_router("--api-key", "page-key", "--models-max", "2", "--memory-budget", "1G")
     router.http.headers["Authorization"] = "Bearer page-key"
     page.goto(router.url + "/")
     # without the key the page asks for it, then works with it
@@ -45,7 +45,8 @@ def test_the_page_lists_loads_chats_and_unloads_live_with_an_api_key(start_route
     page.click("tr[data-model='tiny-b'] button")  # Load
     state_of(page, "tiny-b", "loaded").wait_for(timeout=30_000)
     assert router.state("tiny-b") == "loaded"
-    assert "MiB" in page.locator("tr[data-model='tiny-b'] td").nth(3).inner_text()
+    cells = page.locator("tr[data-model='tiny-b'] td")
+    assert "MiB" in cells.nth(3).inner_text() and "MiB" in cells.nth(4).inner_text()  # estimate, use
 
     page.select_option("#picker", "tiny-b")
     page.fill("#prompt", "Tell me something")
@@ -57,6 +58,10 @@ def test_the_page_lists_loads_chats_and_unloads_live_with_an_api_key(start_route
     # a load by someone else (the API) shows up live too
     router.http.post("/models/load", json={"model": "tiny-c"})
     state_of(page, "tiny-c", "loaded").wait_for(timeout=30_000)
+    # the budget bar: a segment for each running model, and the budget's figures
+    page.locator("#budget-bar .counted[data-model='tiny-c']").wait_for()
+    assert page.locator("#budget-bar .counted").count() == 2
+    assert page.inner_text("#budget-text").startswith("memory budget 1.0 GiB: ")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
 

@@ -12,7 +12,7 @@ from sanic.response import JSONResponse, json as json_response
 from . import __version__
 from .errors import RouterError, bad_request
 from .ini import ConfigError
-from .model import Model, ModelState, Plan
+from .model import HOLDS_SLOT, Model, ModelState, Plan
 
 bp = Blueprint("api")
 
@@ -79,6 +79,8 @@ def model_entry(model: Model, scheduler) -> dict:
         status["in_flight"] = model.in_flight
         status["idle_seconds"] = 0 if model.in_flight else round(time.monotonic() - model.last_used, 1)
     status.update(memory_status(model, scheduler.memory_floor(model)))
+    if model.state in HOLDS_SLOT:
+        status["memory_counted_bytes"] = scheduler.counted(model)  # what the budget counts it at
     if model.child is not None and getattr(model.child, "unit", None):
         status["unit"] = model.child.unit
     try:

@@ -83,6 +83,10 @@ def ps(client: Client, show_all: bool) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    props = client.call("GET", "/props")
+    if props.get("memory_budget_bytes"):
+        print(f"memory budget {size_text(props['memory_budget_bytes'])}: "
+              f"{size_text(props.get('memory_reserved_bytes') or 0)} counted for the running models")
 
 
 def logs(client: Client, model: str, follow: bool, lines: int) -> None:

@@ -207,8 +207,7 @@ class Scheduler:
         """Refuses at once a model that could not start even with every other model stopped that may be."""
         budget = self.limits.budget
         need = self.counted(model)
-        pinned = sum(self.counted(m) for m in self.models.values()
-                     if m is not model and m.pinned and m.state in HOLDS_SLOT)
+        pinned = sum(self.counted(m) for m in self._holding.values() if m is not model and m.pinned)
         if policy.never_fits(need, pinned, budget):
             self.refused["never_fits"] += 1
             beside = f" beside the pinned models' {size_text(pinned)}" if pinned else ""
@@ -262,7 +261,7 @@ class Scheduler:
         for model_id, child in children.items():
             model = self.models[model_id]
             entry = policy.Waiting(model.id, self.counted(model))
-            if model.state is not S.UNLOADED or not policy.admit([entry], self._records(), self.limits).start:
+            if model.state is not S.UNLOADED or not policy.admit([entry], self.records(), self.limits).start:
                 log.info("model %s: not adopted, no room for it; stopping its unit", model_id)
                 await child.stop(model.config.stop_timeout)
                 continue
@@ -276,7 +275,7 @@ class Scheduler:
             for model in self._holding.values():
                 if model.state is S.LOADED:
                     model.sample_memory()
-            for model_id in policy.expired(self._records(), time.monotonic()):
+            for model_id in policy.expired(self.records(), time.monotonic()):
                 model = self.models[model_id]
                 self._stop(model, f"idle for {model.ttl:g} s (ttl)")
             self._pump()  # a model seen using more may no longer leave room for the next one
@@ -303,7 +302,7 @@ class Scheduler:
 
     # -- decisions ------------------------------------------------------------------------
 
-    def _records(self) -> list[policy.Running]:
+    def records(self) -> list[policy.Running]:
         return [policy.Running(m.id, m.state is S.UNLOADING, m.idle, m.last_used, self.counted(m), m.pinned, m.ttl)
                 for m in self._holding.values()]
 
@@ -312,7 +311,7 @@ class Scheduler:
         if self._closing or not self._queue:
             return
         queue = [policy.Waiting(m.id, self.counted(m), m.state is S.UNLOADED) for m in self._queue.values()]
-        decision = policy.admit(queue, self._records(), self.limits)
+        decision = policy.admit(queue, self.records(), self.limits)
         for model_id in decision.start:
             model = self._queue.pop(model_id)
             model.plan, model.held = Plan.NONE, False

@@ -43,6 +43,7 @@ async function refresh() {
     state.textContent = describe(m.status);
     state.className = "state state-" + m.status.value + (m.status.failed ? " failed" : "");
     row.insertCell().textContent = size(m.gguf && m.gguf.size);
+    row.insertCell().textContent = size(m.status.memory_estimate_bytes);
     row.insertCell().textContent = size(m.status.memory_bytes);
     const running = ["loading", "loaded"].includes(m.status.value);
     const button = document.createElement("button");
@@ -54,10 +55,34 @@ async function refresh() {
   }
   const loaded = models.filter((m) => m.status.value === "loaded").length;
   $("summary").textContent = `${loaded} of ${models.length} models loaded`;
+  showBudget(models, await (await api("/props")).json());
   const picker = $("picker");
   const chosen = picker.value;
   picker.replaceChildren(...models.filter((m) => m.status.value !== "invalid").map((m) => new Option(m.id, m.id)));
   if (chosen) picker.value = chosen;
+}
+
+// The memory budget as a bar: a segment per running model, as wide as what the budget counts it
+// at (its estimate, or its peak if higher), darker as far as it really uses.
+function showBudget(models, props) {
+  const budget = props.memory_budget_bytes;
+  $("budget").hidden = !budget;
+  if (!budget) return;
+  const bar = $("budget-bar");
+  bar.replaceChildren();
+  for (const m of models.filter((m) => m.status.memory_counted_bytes)) {
+    const segment = document.createElement("div");
+    segment.className = "counted";
+    segment.dataset.model = m.id;
+    segment.style.width = (100 * m.status.memory_counted_bytes / budget) + "%";
+    segment.title = `${m.id}: counted ${size(m.status.memory_counted_bytes)}, using ${size(m.status.memory_bytes) || "-"}`;
+    const used = document.createElement("div");
+    used.className = "used";
+    used.style.width = Math.min(100, 100 * (m.status.memory_bytes || 0) / m.status.memory_counted_bytes) + "%";
+    segment.append(used, m.id);
+    bar.append(segment);
+  }
+  $("budget-text").textContent = `memory budget ${size(budget)}: ${size(props.memory_reserved_bytes) || "0 B"} counted`;
 }
 
 // Reads an SSE response body (fetch, not EventSource: EventSource cannot send the API key).
