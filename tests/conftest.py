@@ -190,6 +190,13 @@ def chat(model: str, content: str = "hi", **extra) -> dict:
             "ignore_eos": True, **extra}
 
 
+def capital_question(model: str) -> dict:
+    """A question SmolLM2-135M answers right, deterministically: "The capital of France is Paris." """
+    return {"model": model, "temperature": 0, "max_tokens": 16,
+            "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                         {"role": "user", "content": "What is the capital of France?"}]}
+
+
 # Keeps a child busy for seconds (3 to 6 here) on a tiny model started with `-c 8192 -np 1`.
 def long_completion(model: str, **extra) -> dict:
     return {"model": model, "prompt": "go", "n_predict": 4000, "ignore_eos": True, **extra}

@@ -133,3 +133,37 @@ def test_a_stopped_router_stops_its_children_cleanly(router):
     assert router.proc.returncode == 0
     assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in children)
     assert router.log().count("unloading -> unloaded (unloaded, exit code 0)") == 2
+
+
+def test_a_hung_child_is_killed_reported_unresponsive_and_restarted(start_router):
+    r = start_router("--health-timeout", "3")
+    assert r.http.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
+    hung = r.child_pid("tiny-a")
+    os.kill(hung, signal.SIGSTOP)  # what a deadlock or a wedged driver looks like from outside
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(r.http.post, "/v1/chat/completions", json=chat("tiny-a"))
+            # killed within its health timeout (plus a check's interval), restarted after the backoff
+            r.wait_for(lambda: r.state("tiny-a") == "loaded" and r.child_pid("tiny-a") != hung, timeout=30,
+                       what="tiny-a killed and restarted")
+            reply = in_flight.result(timeout=30)
+        assert reply.status_code == 502 and reply.json()["error"]["code"] == 502  # an answer, not a hang
+    finally:
+        if psutil.pid_exists(hung):
+            os.kill(hung, signal.SIGKILL)
+    assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
+    assert r.metric("gguf_router_model_unresponsive_total", model="tiny-a") == 1
+    assert r.metric("gguf_router_model_restarts_total", model="tiny-a") == 1
+    assert r.http.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
+
+
+def test_a_child_busy_generating_is_never_taken_for_hung(start_router):
+    r = start_router("--health-timeout", "1", *BUSY_ARGS)
+    pid = None
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(r.http.post, "/completion", json=long_completion("tiny-a"))
+        r.wait_for(lambda: r.models()["tiny-a"]["status"].get("in_flight") == 1, what="tiny-a busy")
+        pid = r.child_pid("tiny-a")
+        reply = long.result()
+    assert reply.status_code == 200 and reply.json()["tokens_predicted"] == 4000  # seconds past 1 s
+    assert r.child_pid("tiny-a") == pid and r.metric("gguf_router_model_unresponsive_total", model="tiny-a") == 0

@@ -121,6 +121,10 @@ class FakeChild:
     def crash(self) -> None:
         self.exit.set_result(-9)
 
+    async def kill(self) -> None:
+        if not self.exit.done():
+            self.crash()
+
     def log_tail(self):
         return ()
 

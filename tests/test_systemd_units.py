@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 import nspawn
-from conftest import SMOL, chat, free_port
+from conftest import SMOL, capital_question, chat, free_port
 
 pytestmark = pytest.mark.skipif(nspawn.available() is not None, reason=str(nspawn.available()))
 
@@ -181,8 +181,7 @@ def test_a_long_context_real_model_gets_a_limit_it_fits_in_and_an_oom_while_load
           *router_argv(llama_server, "--launcher", "systemd", "--host", "127.0.0.1", "--port", str(port),
                        "--models-max", "0").split())
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as http:
-        reply = http.post("/v1/chat/completions", json=chat("smol-65536", "What is the capital of France?",
-                                                             max_tokens=8, ignore_eos=False))
+        reply = http.post("/v1/chat/completions", json=capital_question("smol-65536"))
         assert reply.status_code == 200 and "Paris" in reply.json()["choices"][0]["message"]["content"]
         status = models(http)["smol-65536"]
         assert status["memory_estimate_bytes"] > 1500 << 20  # the KV cache of 65536 tokens alone is 1.4 GiB

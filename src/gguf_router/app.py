@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
+import json
 import logging
 import signal
+import time
 from pathlib import Path
 from typing import Callable
 
 from sanic import Request, Sanic
-from sanic.exceptions import SanicException
+from sanic.exceptions import PayloadTooLarge, RequestTimeout, SanicException
 from sanic.handlers import ErrorHandler
+from sanic.http import Stage
+from sanic.server.protocols.http_protocol import HttpProtocol
 from sanic.response import json as json_response
 
 from . import api, routing
+from .access import check_key, cors_headers, cors_preflight
 from .errors import RouterError
+from .sizes import parse_size, size_text
 from .router import Router
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/"})
 WEB = Path(__file__).parent / "web"  # the page at /: static files, no build step
 
 
@@ -34,6 +38,12 @@ class OpenAIErrorHandler(ErrorHandler):
             return json_response(RouterError(499, "client closed the request").body(), status=499)
         if isinstance(exception, RouterError):
             error = exception
+        elif isinstance(exception, PayloadTooLarge):
+            # Sanic raises the one exception for both; its message is what tells them apart.
+            if "header" in str(exception):
+                error = RouterError(431, f"request headers larger than {size_text(request.app.config.REQUEST_MAX_HEADER_SIZE)}")
+            else:
+                error = RouterError(413, f"request body larger than {size_text(request.app.config.REQUEST_MAX_SIZE)} (--max-body)")
         elif isinstance(exception, SanicException):
             error = RouterError(exception.status_code, str(exception) or "request failed")
         else:
@@ -42,22 +52,61 @@ class OpenAIErrorHandler(ErrorHandler):
         return json_response(error.body(), status=error.status, headers=error.headers)
 
 
-def check_api_key(request: Request):
-    keys = request.app.ctx.router.api_keys
-    # The page itself holds nothing secret; what it fetches from the API asks for the key.
-    if not keys or request.path in PUBLIC_PATHS or request.path.startswith("/ui/") or request.method == "OPTIONS":
-        return None
-    auth = request.headers.get("authorization", "")
-    given = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-    if not any(hmac.compare_digest(given.encode(), key.encode()) for key in keys):
-        raise RouterError(401, "Invalid API Key", "authentication_error")
-    return None
+class GuardedProtocol(HttpProtocol):
+    """Sanic's HTTP/1.1 protocol, plus two guards against clients that hold connections:
+    - Sanic's REQUEST_TIMEOUT ends when a request's headers are in, and each byte that arrives
+      restarts its clock, so headers or a body trickled in a byte at a time would hold a
+      connection for ever: here the whole request must arrive within the timeout;
+    - past `--max-connections` open connections, a new one gets a 503 and is closed at once."""
+
+    __slots__ = ("_began", "_refused")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._began = time.monotonic()
+        self._refused = False
+
+    def connection_made(self, transport) -> None:
+        limit = self.app.config.MAX_CONNECTIONS
+        if len(self.connections) >= limit:
+            self._refused = True
+            error = RouterError(503, f"too many open connections (--max-connections {limit}); try again later")
+            body = json.dumps(error.body()).encode()
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            b"Retry-After: 5\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            transport.close()
+            return
+        super().connection_made(transport)
+
+    def connection_lost(self, exc) -> None:
+        if not self._refused:
+            super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        http = getattr(self, "_http", None)
+        if http is None or http.stage is Stage.IDLE:
+            self._began = time.monotonic()
+        super().data_received(data)
+
+    def check_timeouts(self) -> None:
+        http = getattr(self, "_http", None)
+        arriving = http is not None and (http.stage is Stage.REQUEST or (http.stage is Stage.HANDLER and http.request_body))
+        if self._task and arriving and time.monotonic() - self._began > self.request_timeout:
+            http.exception = RequestTimeout("the request did not arrive within the request timeout")
+            http.request_body = None  # what is left of it is not waited for: answer 408, then close
+            self._task.cancel()
+            return
+        super().check_timeouts()
 
 
 def count_request(request: Request, response) -> None:
     """Requests answered, by model, endpoint and status, for /metrics."""
     route = request.route.path if request.route else "unmatched"
-    model = getattr(request.ctx, "model_id", "")
+    named = getattr(request.ctx, "model_id", "")
+    # Only ids of models that exist become labels: a client's made-up names all count as "unknown".
+    model = request.app.ctx.router.scheduler.canonical(named) or ("unknown" if named else "")
     request.app.ctx.router.request_counts[(model, "/" + route.lstrip("/"), response.status)] += 1
 
 
@@ -68,9 +117,14 @@ def create_app(settings: Settings, reload_settings: Callable[[], Settings] | Non
     app.config.RESPONSE_TIMEOUT = 24 * 3600
     app.config.KEEP_ALIVE_TIMEOUT = 30
     app.config.NOISY_EXCEPTIONS = False
+    app.config.REQUEST_MAX_SIZE = parse_size(settings.max_body)
+    app.config.REQUEST_TIMEOUT = settings.request_timeout
+    app.config.MAX_CONNECTIONS = settings.max_connections
     app.ctx.router = Router(settings, reload_settings)
-    app.on_request(check_api_key)
+    app.on_request(cors_preflight)
+    app.on_request(check_key)
     app.on_response(count_request)
+    app.on_response(cors_headers)
     app.blueprint(api.bp)
     app.blueprint(routing.bp)
     app.static("/", WEB / "index.html", name="page")

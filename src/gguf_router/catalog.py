@@ -36,6 +36,7 @@ class ModelConfig:
     memory: MemoryEstimate | None = None  # None for a file whose header could not be read
     pinned: bool = False  # never stopped to make room for another model
     ttl: float = 0.0  # seconds idle before it is stopped; 0 = never
+    health_timeout: float = 30.0  # seconds without an answer on /health before it is killed
 
     @property
     def id(self) -> str:
@@ -133,7 +134,8 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
             file, tuple(argv), router.get("alias", ()), router.get("load-on-startup", False),
             router.get("stop-timeout", settings.stop_timeout), _preset_text(model_id, file, effective),
             router.get("environment", ()), limits, router.get("devices", ()), memory,
-            router.get("pin", False), router.get("ttl", settings.models_ttl))
+            router.get("pin", False), router.get("ttl", settings.models_ttl),
+            router.get("health-timeout", settings.health_timeout))
     _check_aliases(models, presets, warnings)
     _check_pinned(models, presets, settings.budget_bytes())
     return Catalog(models, presets, tuple(warnings))

@@ -51,6 +51,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", dest="api_keys", action="append",
                    help="require this key (Bearer or X-Api-Key) on every endpoint but /health; repeatable or comma-separated")
     p.add_argument("--api-key-file", type=Path, help="file of API keys, one per line")
+    p.add_argument("--admin-api-key", dest="admin_api_keys", action="append",
+                   help="with it, managing models (load, unload, reload, logs) needs this key; the --api-key keys "
+                        "then only run inference; repeatable")
+    p.add_argument("--admin-api-key-file", type=Path, help="file of admin keys, one per line")
+    p.add_argument("--cors-origin", dest="cors_origins", action="append",
+                   help="an origin browsers may call the API from (https://app.example); repeatable; none by default")
+    p.add_argument("--max-body", help="largest request body (default 64M); larger ones get 413")
+    p.add_argument("--max-connections", type=int,
+                   help="open client connections at most; past it a new one gets 503 and is closed (default 1024)")
+    p.add_argument("--request-timeout", type=float,
+                   help="seconds a request's headers and body may take to arrive (default 60)")
     p.add_argument("--llama-server", type=Path, help="the llama-server binary the models run in")
     p.add_argument("--launcher", choices=("auto", "process", "systemd"),
                    help="how models run: systemd = a transient unit each (memory limits, own journal); "
@@ -58,6 +69,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path,
                    help="where the router keeps what it learns (models' memory after an out-of-memory kill); "
                         "default $STATE_DIRECTORY under systemd, else ~/.local/state/gguf-router")
+    p.add_argument("--health-timeout", type=float,
+                   help="seconds a loaded model may fail to answer /health before it is killed and restarted (default 30)")
     p.add_argument("--stop-timeout", type=float, help="seconds a child gets to exit before it is killed (default 10)")
     p.add_argument("--log-level", help="debug, info, warning or error (default info)")
     return p
@@ -67,8 +80,9 @@ def parse_command_line(argv: list[str]) -> dict:
     """The settings given on the command line, by field name; the rest goes to children."""
     args, child_args = parser().parse_known_args(argv)
     given = vars(args)
-    if "api_keys" in given:
-        given["api_keys"] = ",".join(given["api_keys"])
+    for repeated in ("api_keys", "admin_api_keys", "cors_origins"):
+        if repeated in given:
+            given[repeated] = ",".join(given[repeated])
     if child_args:
         given["child_args"] = tuple(child_args)
     return given
@@ -161,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from sanic import Sanic
 
-    from .app import create_app
+    from .app import GuardedProtocol, create_app
     from .systemd import listen_sockets
 
     log = logging.getLogger("gguf_router")
@@ -170,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         app = create_app(settings, lambda: load_settings(given))
     except (ConfigError, LlamaServerError) as exc:
         fail(str(exc))
-    run = dict(single_process=True, access_log=False, motd=False)
+    run = dict(single_process=True, access_log=False, motd=False, protocol=GuardedProtocol)
     if sockets:
         # Every socket the unit lists (TCP, IPv6, unix ...), one app serving them all.
         for sock in sockets:

@@ -125,7 +125,7 @@ def main(command: str, argv: list[str], settings_for) -> None:
     args = p.parse_args(argv)
     settings: Settings = settings_for({"config": args.config} if args.config else {})
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    keys = settings.all_api_keys()
+    keys = settings.all_admin_keys() + settings.all_api_keys()  # load/unload/logs need an admin key, if any
     client = Client(args.url or f"http://{host}:{settings.port}", args.api_key or (keys[0] if keys else None))
     try:
         if command == "ps":

@@ -51,6 +51,8 @@ def router_families(router, request_counts: dict) -> list[Family]:
         "crashes": Family("gguf_router_model_crashes_total", "counter", "children that exited on their own"),
         "oom_kills": Family("gguf_router_model_oom_kills_total", "counter", "children killed for memory"),
         "restarts": Family("gguf_router_model_restarts_total", "counter", "restarts after a crash"),
+        "unresponsive": Family("gguf_router_model_unresponsive_total", "counter",
+                               "children killed for not answering /health within their health timeout"),
     }
     load_seconds = Family("gguf_router_model_load_seconds", "summary", "time from start to ready")
     in_flight = Family("gguf_router_requests_in_flight", "gauge", "requests being served, by model")

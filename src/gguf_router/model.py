@@ -72,6 +72,7 @@ class Stats:
     crashes: int = 0
     oom_kills: int = 0
     restarts: int = 0
+    unresponsive: int = 0
 
 
 class Model:
@@ -101,6 +102,11 @@ class Model:
         self.failure: str | None = None  # why it is FAILED
         self.memory_use: MemoryUse | None = None  # the running child's, as last sampled
         self.peak = 0  # the most memory the running child has held, sampled or from the kernel
+        # Liveness of the running child: when /health was last asked, since when it has not answered.
+        self.probing = False
+        self.probed_at = 0.0
+        self.unanswered_since: float | None = None
+        self.killed_for: str | None = None  # why the router killed its child, when it did
         self._changed: asyncio.Future | None = None
 
     @property

@@ -76,6 +76,7 @@ _MEMORY = _matching(r"\d+(\.\d+)?[KMGT]?|\d+(\.\d+)?%|infinity", "a size like 51
 ROUTER_KEYS: dict[str, Callable[[Value, str], Any]] = {
     "load-on-startup": parse_bool,
     "stop-timeout": _positive_seconds,
+    "health-timeout": _positive_seconds,  # unanswered /health this long: killed, restarted
     "ttl": _seconds,  # idle seconds before the model is stopped (0 = never)
     "pin": parse_bool,  # never stopped to make room; still counted in the memory budget
     "alias": _names,

@@ -49,6 +49,7 @@ class Router:
         self._reload_settings = reload_settings or (lambda: settings)
         self.presets, self.cli = read_presets(settings)
         self.api_keys = settings.all_api_keys()
+        self.admin_keys = settings.all_admin_keys()
         self.runtime_dir = settings.runtime_dir or Path(tempfile.mkdtemp(prefix="gguf-router-"))
         self.discovery = Discovery(settings.models_dir, settings.hf_cache)
         self.events = Events()
@@ -105,21 +106,22 @@ class Router:
                 self.config_error = None
 
     async def _reload(self, reread_config: bool) -> None:
-        settings, presets, cli, api_keys = self.settings, self.presets, self.cli, self.api_keys
+        settings, presets, cli, keys = self.settings, self.presets, self.cli, (self.api_keys, self.admin_keys)
         discovery = self.discovery
         if reread_config:
             settings = self._reload_settings()
             presets, cli = await asyncio.to_thread(read_presets, settings)
-            api_keys = settings.all_api_keys()
+            keys = settings.all_api_keys(), settings.all_admin_keys()
             if (settings.models_dir, settings.hf_cache) != (discovery.models_dir, discovery.hf_cache):
                 discovery = Discovery(settings.models_dir, settings.hf_cache)
-            for name in ("host", "port", "runtime_dir", "state_dir"):
+            for name in ("host", "port", "runtime_dir", "state_dir", "max_body", "request_timeout", "max_connections"):
                 if getattr(settings, name) != getattr(self.settings, name):
                     log.warning("%s changed in the config; it takes effect when the router restarts",
                                 name.replace("_", "-"))
         catalog = await asyncio.to_thread(build, settings, discovery, presets, cli, self.runtime_dir)
         watched_before = self._watched()
-        self.settings, self.presets, self.cli, self.api_keys = settings, presets, cli, api_keys
+        self.settings, self.presets, self.cli = settings, presets, cli
+        self.api_keys, self.admin_keys = keys
         self.discovery = discovery
         discovery.settle = SETTLE
         self.scheduler.limits, self.scheduler.queue_limits = scheduling_limits(settings), queue_limits(settings)

@@ -27,7 +27,7 @@ from .catalog import ModelConfig, socket_path
 from .crashes import WINDOW
 from .events import Events
 from .errors import RouterError, model_not_found
-from .launchers import Child, LaunchError, Launcher, LaunchSpec
+from .launchers import Child, LaunchError, Launcher, LaunchSpec, answers_health
 from .sizes import size_text
 from .memory import Floors, memory_limits
 from .model import HOLDS_SLOT, Exit, Model, ModelState, Plan
@@ -35,7 +35,8 @@ from .model import HOLDS_SLOT, Exit, Model, ModelState, Plan
 log = logging.getLogger(__name__)
 S = ModelState
 RESTART = "restarting with new options"
-TICK = 1.0  # seconds between looks at time to live and each loaded child's memory
+TICK = 1.0  # seconds between looks at time to live, each loaded child's memory and liveness
+HEALTH_EVERY = 5.0  # seconds between /health checks of a loaded child (at most)
 RETRY_AFTER = 5  # seconds a client told "too many waiting" is asked to wait before trying again
 
 
@@ -72,6 +73,11 @@ class Scheduler:
         if model is None or model.removed:
             raise model_not_found(model_id)
         return model
+
+    def canonical(self, name: str) -> str | None:
+        """The id of the model a name (id or alias) stands for, if there is one."""
+        model_id = self._aliases.get(name, name)
+        return model_id if model_id in self.models else None
 
     def loadable(self, model_id: str) -> Model:
         model = self.get(model_id)
@@ -270,11 +276,13 @@ class Scheduler:
             model.runner = self._spawn(self._serve(model, child, "adopted, not reloaded"))
 
     async def tick(self) -> None:
-        """Once a second: each loaded child's memory, and models idle past their time to live."""
+        """Once a second: each loaded child's memory and liveness, and models idle past their time to live."""
         while True:
+            now = time.monotonic()
             for model in self._holding.values():
                 if model.state is S.LOADED:
                     model.sample_memory()
+                    self._check_liveness(model, now)
             for model_id in policy.expired(self.records(), time.monotonic()):
                 model = self.models[model_id]
                 self._stop(model, f"idle for {model.ttl:g} s (ttl)")
@@ -425,6 +433,7 @@ class Scheduler:
         model.child = child
         model.loaded_info = child.info
         model.peak = 0
+        model.unanswered_since = model.killed_for = None
         model.sample_memory()
         model.set_state(S.LOADED, how)
         model.last_used = time.monotonic()
@@ -434,13 +443,43 @@ class Scheduler:
         if model.state is S.UNLOADING:
             self._ended(model, Exit(code, model.stop_reason, failed=False))
         else:
-            reason = child.oom or "crashed"
+            reason = child.oom or model.killed_for or "crashed"
             model.stats.crashes += 1
             if child.oom:
                 self._out_of_memory(model, child.peak)
             log.error("model %s: llama-server %s (exit code %s)", model.id, reason, code)
             self._ended(model, Exit(code, reason, True, child.log_tail()))
             self._after_crash(model)
+
+    def _check_liveness(self, model: Model, now: float) -> None:
+        """Asks a loaded child's /health every few seconds (a third of its timeout at most)."""
+        every = min(HEALTH_EVERY, model.config.health_timeout / 3)
+        if model.probing or now - model.probed_at < every:
+            return
+        model.probing, model.probed_at = True, now
+        self._spawn(self._probe(model, model.child, every))
+
+    async def _probe(self, model: Model, child: Child, timeout: float) -> None:
+        """A child that has not answered for its health timeout is hung (a busy one still answers):
+        killed, reported unresponsive, and restarted like a crashed one."""
+        asked = time.monotonic()
+        try:
+            alive = await answers_health(child.socket, timeout)
+        finally:
+            model.probing = False
+        if model.child is not child or model.state is not S.LOADED:
+            return
+        if alive:
+            model.unanswered_since = None
+            return
+        now = time.monotonic()
+        model.unanswered_since = model.unanswered_since or asked
+        limit = model.config.health_timeout
+        if now - model.unanswered_since >= limit and model.killed_for is None:
+            model.killed_for = f"unresponsive: no answer on /health for {limit:g} s, killed"
+            model.stats.unresponsive += 1
+            log.error("model %s: llama-server pid %s is %s", model.id, child.pid, model.killed_for)
+            await child.kill()
 
     def _out_of_memory(self, model: Model, peak: int | None) -> None:
         """Its next start counts it at its peak plus a margin, which raises its unit's limit."""

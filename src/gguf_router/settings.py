@@ -92,11 +92,22 @@ class Settings(BaseSettings):
     # Comma-separated in the environment, like llama-server's LLAMA_API_KEY.
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
     api_key_file: Path | None = None  # one key per line; keeps keys out of a world-readable file
+    # With admin keys set, managing models (load, unload, reload, logs) needs one of them; the
+    # keys above then only run inference. An admin key is accepted everywhere.
+    admin_api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    admin_api_key_file: Path | None = None
+    # Origins a browser may call the API from (CORS); none by default.
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
+    max_body: str = "64M"  # request bodies: long prompts with images fit
+    request_timeout: float = Field(60.0, gt=0)  # seconds a request's headers and body may take to arrive
+    max_connections: int = Field(1024, ge=1)  # open client connections at most
     llama_server: Path = Field(default_factory=default_llama_server)
     child_args: tuple[str, ...] = ()
     # auto: a transient systemd unit per model when started by systemd, else a child process.
     launcher: Literal["auto", "process", "systemd"] = "auto"
     stop_timeout: float = Field(10.0, gt=0)
+    # A loaded child that does not answer /health for this long is killed and restarted.
+    health_timeout: float = Field(30.0, gt=0)
     hf_cache: Path | None = Field(default_factory=default_hf_cache)
     runtime_dir: Path | None = Field(default_factory=systemd_runtime_dir)
     state_dir: Path = Field(default_factory=default_state_dir)
@@ -116,15 +127,12 @@ class Settings(BaseSettings):
         return main, sorted(p for p in dropins.glob("*.ini") if p.is_file()) if dropins.is_dir() else []
 
     def all_api_keys(self) -> tuple[str, ...]:
-        if self.api_key_file is None:
-            return self.api_keys
-        try:
-            lines = self.api_key_file.read_text().splitlines()
-        except OSError as exc:
-            raise ConfigError(str(self.api_key_file), f"api-key-file cannot be read: {exc.strerror}") from None
-        return self.api_keys + tuple(k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#"))
+        return self.api_keys + _keys_in(self.api_key_file, "api-key-file")
 
-    @field_validator("api_keys", mode="before")
+    def all_admin_keys(self) -> tuple[str, ...]:
+        return self.admin_api_keys + _keys_in(self.admin_api_key_file, "admin-api-key-file")
+
+    @field_validator("api_keys", "admin_api_keys", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, value):
         if isinstance(value, str):
@@ -139,6 +147,12 @@ class Settings(BaseSettings):
             from .launchers.cgroup import host_memory
             return max(host_memory() - parse_size(self.memory_reserve), 0)
         return parse_size(self.memory_budget)
+
+    @field_validator("max_body")
+    @classmethod
+    def _body_size(cls, value):
+        parse_size(value, total=1)
+        return value
 
     @field_validator("memory_budget", "memory_reserve")
     @classmethod
@@ -156,6 +170,17 @@ class Settings(BaseSettings):
         if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ValueError(f"unknown log level {value!r}: use debug, info, warning or error")
         return value
+
+
+def _keys_in(path: Path | None, what: str) -> tuple[str, ...]:
+    """Keys from a file, one per line, `#` comments."""
+    if path is None:
+        return ()
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(str(path), f"{what} cannot be read: {exc.strerror}") from None
+    return tuple(k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#"))
 
 
 # Keys the config file may set: every setting but the file itself and the children's options,

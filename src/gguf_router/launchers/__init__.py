@@ -40,6 +40,28 @@ def argv_digest(argv: tuple[str, ...]) -> str:
     return hashlib.sha1("\0".join(argv).encode()).hexdigest()[:16]
 
 
+async def http_get(socket: Path, path: str, timeout: float = 5) -> tuple[int, bytes]:
+    """A tiny HTTP/1.0 GET over a unix socket: enough to ask a child whether it is ready or alive."""
+    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(socket)), timeout)
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: child\r\n\r\n".encode())
+        raw = await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def answers_health(socket: Path, timeout: float) -> bool:
+    """Whether the child answers 200 on /health within `timeout`: llama-server does even while
+    generating, from its HTTP thread, so a child that does not is hung, not busy."""
+    try:
+        status, _ = await http_get(socket, "/health", timeout)
+    except (OSError, asyncio.TimeoutError, ValueError, IndexError):
+        return False
+    return status == 200
+
+
 class LaunchError(Exception):
     """The child exited or could not be started before it was ready."""
 
@@ -67,6 +89,9 @@ class Child(Protocol):
 
     async def stop(self, timeout: float) -> int:
         """Asks the child to exit, kills it after `timeout` seconds; idempotent."""
+
+    async def kill(self) -> None:
+        """Kills it at once (SIGKILL, which also ends a stopped or hung process); `wait` sees the exit."""
 
     def log_tail(self) -> tuple[str, ...]:
         """The child's last log lines, for telling why it failed."""

@@ -117,6 +117,10 @@ class ProcessChild(ChildExit):
     def log_tail(self) -> tuple[str, ...]:
         return tuple(self.history)[-20:]
 
+    async def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+
     def memory(self) -> MemoryUse | None:
         return None if self._exit.done() else process_memory(self.pid)
 

@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import ROUTER_ONLY_ENV, Child, ChildExit, LaunchError, LaunchSpec, ProgressCallback, argv_digest
+from . import ROUTER_ONLY_ENV, Child, ChildExit, LaunchError, LaunchSpec, ProgressCallback, argv_digest, http_get
 from ..sizes import size_text
 from .cgroup import MemoryUse, UnitMemory, process_memory
 
@@ -38,18 +38,6 @@ def unit_name(model_id: str) -> str:
 
 def _in_tmp(path: Path) -> bool:
     return path.is_relative_to("/tmp") or path.is_relative_to("/var/tmp")
-
-
-async def http_get(socket: Path, path: str, timeout: float = 5) -> tuple[int, bytes]:
-    """A tiny HTTP/1.0 GET over a unix socket: enough to ask a child whether it is ready."""
-    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(socket)), timeout)
-    try:
-        writer.write(f"GET {path} HTTP/1.0\r\nHost: child\r\n\r\n".encode())
-        raw = await asyncio.wait_for(reader.read(), timeout)
-    finally:
-        writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split(b" ", 2)[1]), body
 
 
 class SystemdChild(ChildExit):
@@ -115,6 +103,10 @@ class SystemdChild(ChildExit):
             # systemd sends SIGTERM and, after the unit's TimeoutStopSec, SIGKILL to the whole cgroup.
             await self.launcher.systemctl("stop", "--no-block", self.unit)
         return await asyncio.shield(self._exit)
+
+    async def kill(self) -> None:
+        if not self._exit.done():
+            await self.launcher.systemctl("kill", "--signal=SIGKILL", self.unit)
 
     def log_tail(self) -> tuple[str, ...]:
         return self._tail
