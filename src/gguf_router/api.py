@@ -29,6 +29,8 @@ def json_body(request: Request) -> dict:
         body = json.loads(request.body or b"{}")
     except ValueError as exc:
         raise bad_request(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad_request("the request body's JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body

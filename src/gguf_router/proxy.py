@@ -55,6 +55,16 @@ def _stream_error(model: Model, exc: BaseException) -> bytes:
     return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
 
 
+def _refused_by_child(model: Model, body: bytes) -> RouterError:
+    """llama-server answers 500 to requests it cannot process (a missing or mistyped field throws
+    where it parses them) and goes on serving: for the client that is a bad request, a 400."""
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = body[:200].decode(errors="replace")
+    return RouterError(400, f"model '{model.id}' could not process the request: {message}")
+
+
 async def forward(request: Request, session: aiohttp.ClientSession, model: Model) -> HTTPResponse | None:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
     url = child_url(model, request.path, request.query_string)
@@ -69,6 +79,8 @@ async def forward(request: Request, session: aiohttp.ClientSession, model: Model
                 body = await upstream.read()
             except aiohttp.ClientError as exc:
                 raise RouterError(502, f"model '{model.id}' failed while answering: {exc}") from exc
+            if upstream.status == 500:
+                raise _refused_by_child(model, body)
             return HTTPResponse(body, status=upstream.status, headers=out_headers)
         response = await request.respond(status=upstream.status, headers=out_headers)
         try:

@@ -62,7 +62,8 @@ async def serve(request: Request, model_id: str):
         router.scheduler.release(model)
 
 
-async def post_by_body(request: Request):
+async def post_by_body(request: Request, slot_id: int | None = None):
+    # slot_id: from /slots/<slot_id>, passed on in the path as it came
     return await serve(request, body_model(request))
 
 

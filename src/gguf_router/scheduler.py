@@ -522,6 +522,8 @@ class Scheduler:
             self._settle(model, RouterError(503, f"model '{model.id}' was not restarted: {why}"))
 
     def _ended(self, model: Model, exit: Exit, error: RouterError | None = None) -> None:
+        # llama-server leaves its socket file behind when it exits, however it exits.
+        self.socket_for(model.id).unlink(missing_ok=True)
         model.child = None
         model.loaded_info = None
         model.last_exit = exit
