@@ -118,10 +118,19 @@ class RouterProcess:
         return self.models()[model_id]["status"]["value"]
 
     def children(self) -> list[psutil.Process]:
+        """The router's llama-server children, alive (an exited one not reaped yet does not count)."""
         try:
-            return [p for p in psutil.Process(self.proc.pid).children(recursive=True) if "llama-server" in p.name()]
+            found = psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+        alive = []
+        for p in found:
+            try:
+                if "llama-server" in p.name() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
 
     def metric(self, name: str, **labels: str) -> float:
         """One sample of the router's /metrics, e.g. metric("gguf_router_model_loads_total", model="tiny-a")."""
@@ -133,8 +142,11 @@ class RouterProcess:
 
     def child_pid(self, model_id: str) -> int:
         for p in self.children():
-            if model_id in p.cmdline():
-                return p.pid
+            try:
+                if model_id in p.cmdline():
+                    return p.pid
+            except psutil.NoSuchProcess:  # (ZombieProcess too) it exited just now
+                pass
         raise AssertionError(f"no llama-server for {model_id}")
 
     def wait_for(self, predicate, timeout: float = 30, what: str = "condition"):

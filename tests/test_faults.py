@@ -167,3 +167,16 @@ def test_a_child_busy_generating_is_never_taken_for_hung(start_router):
         reply = long.result()
     assert reply.status_code == 200 and reply.json()["tokens_predicted"] == 4000  # seconds past 1 s
     assert r.child_pid("tiny-a") == pid and r.metric("gguf_router_model_unresponsive_total", model="tiny-a") == 0
+
+
+def test_sigterm_lets_the_requests_in_flight_finish_then_exits(start_router):
+    r = start_router(*BUSY_ARGS)
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(r.http.post, "/completion", json=long_completion("tiny-a"))
+        r.wait_for(lambda: r.models()["tiny-a"]["status"].get("in_flight") == 1, what="tiny-a busy")
+        child = r.child_pid("tiny-a")
+        r.proc.send_signal(signal.SIGTERM)
+        reply = long.result()
+    assert reply.status_code == 200 and reply.json()["tokens_predicted"] == 4000  # not cut short
+    assert r.proc.wait(30) == 0
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE

@@ -120,6 +120,7 @@ def create_app(settings: Settings, reload_settings: Callable[[], Settings] | Non
     app.config.REQUEST_MAX_SIZE = parse_size(settings.max_body)
     app.config.REQUEST_TIMEOUT = settings.request_timeout
     app.config.MAX_CONNECTIONS = settings.max_connections
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.drain_timeout
     app.ctx.router = Router(settings, reload_settings)
     app.on_request(cors_preflight)
     app.on_request(check_key)
@@ -138,10 +139,26 @@ def create_app(settings: Settings, reload_settings: Callable[[], Settings] | Non
     async def started(app: Sanic) -> None:
         router = app.ctx.router
         router.notifier.notify("READY=1", f"STATUS={router.status_line()}")
-        app.add_task(router.report(), name="systemd-report")
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: app.add_task(router.reload_on_signal()))
+        # The router's own tasks, not Sanic's (app.add_task): at shutdown Sanic waits for the tasks
+        # it registered with the loop already stopped, spinning for ever when one is still pending.
+        router.spawn(router.report)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: router.spawn(router.reload_on_signal))
 
+    # Stopping, in Sanic's order: before_server_stop; the listening sockets closed (with socket
+    # activation systemd keeps its own, so new connections wait in its backlog for the next
+    # router); requests in flight given GRACEFUL_SHUTDOWN_TIMEOUT to finish; after_server_stop.
+    # The models and the connections to them must outlive the requests, so they stop last.
     @app.before_server_stop
+    async def stopping(app: Sanic) -> None:
+        app.ctx.router.notifier.notify("STOPPING=1")
+        # With several sockets (socket activation), each one past the first is served by a Sanic
+        # task (which runs this handler too) that is being cancelled now. Sanic then waits for its
+        # tasks with the loop stopped, which never ends while one is still pending: let them finish.
+        pending = [task for task in app.tasks if not task.done() and task is not asyncio.current_task()]
+        if pending:
+            await asyncio.wait(pending, timeout=5)
+
+    @app.after_server_stop
     async def stop(app: Sanic) -> None:
         await app.ctx.router.stop()
 

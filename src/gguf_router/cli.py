@@ -60,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body", help="largest request body (default 64M); larger ones get 413")
     p.add_argument("--max-connections", type=int,
                    help="open client connections at most; past it a new one gets 503 and is closed (default 1024)")
+    p.add_argument("--drain-timeout", type=float,
+                   help="on stop, seconds the requests in flight get to finish (default 20; keep it under the unit's TimeoutStopSec)")
     p.add_argument("--request-timeout", type=float,
                    help="seconds a request's headers and body may take to arrive (default 60)")
     p.add_argument("--llama-server", type=Path, help="the llama-server binary the models run in")

@@ -67,6 +67,7 @@ class Router:
         self._poke_reread = False
         self._warned: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
+        self._stopped = False
 
     def status_line(self) -> str:
         """What `systemctl status` shows, e.g. "2/4 models loaded: qwen (serving), llama3 (idle)"."""
@@ -150,7 +151,7 @@ class Router:
         """A file changed: reload soon, once per burst of changes."""
         self._poke_reread |= reread_config
         if self._poke is None:
-            self._poke = asyncio.get_running_loop().call_later(DEBOUNCE, self._spawn, self._reload_after_poke)
+            self._poke = asyncio.get_running_loop().call_later(DEBOUNCE, self.spawn, self._reload_after_poke)
 
     async def _reload_after_poke(self) -> None:
         self._poke, reread, self._poke_reread = None, self._poke_reread, False
@@ -170,7 +171,7 @@ class Router:
             log.error("config not reloaded, the last good one stays in use: %s", exc)
         self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
 
-    def _spawn(self, factory: Callable) -> None:
+    def spawn(self, factory: Callable) -> None:
         task = asyncio.get_running_loop().create_task(factory())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -194,7 +195,7 @@ class Router:
             log.info("listed models by name; reading the rest of their GGUF headers in the background")
             self.poke(False)
         await self.scheduler.adopt()
-        self._spawn(self.scheduler.tick)
+        self.spawn(self.scheduler.tick)
         self.watcher.watch(*self._watched())
         models = list(self.scheduler.models.values())
         invalid = sum(1 for m in models if m.file.error)
@@ -209,7 +210,11 @@ class Router:
                     log.error("model %s: not loaded at startup: %s", model.id, exc)
 
     async def stop(self) -> None:
-        self.notifier.notify("STOPPING=1")
+        """Once the requests in flight are done (app.py drains them first): stops the rest.
+        Sanic calls it once per listening socket; the first call does it all."""
+        if self._stopped:
+            return
+        self._stopped = True
         self.watcher.stop()
         for task in self._tasks:
             task.cancel()

@@ -101,6 +101,8 @@ class Settings(BaseSettings):
     max_body: str = "64M"  # request bodies: long prompts with images fit
     request_timeout: float = Field(60.0, gt=0)  # seconds a request's headers and body may take to arrive
     max_connections: int = Field(1024, ge=1)  # open client connections at most
+    # On stop, seconds the requests in flight get to finish (gguf-router.service: TimeoutStopSec=30).
+    drain_timeout: float = Field(20.0, ge=0)
     llama_server: Path = Field(default_factory=default_llama_server)
     child_args: tuple[str, ...] = ()
     # auto: a transient systemd unit per model when started by systemd, else a child process.
