@@ -6,7 +6,10 @@ are v1 for memory, where only the system manager can enforce MemoryMax; so the t
 enforced memory limit runs the router as root, whose units belong to the system manager.
 """
 
+import collections
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -45,9 +48,9 @@ def models(http):
     return {m["id"]: m["status"] for m in http.get("/models").json()["data"]}
 
 
-def test_packaged_units_socket_activation_model_units_restart_and_adoption(container, llama_server):
+def install_packaged_units(c, llama_server) -> int:
+    """The unit files of systemd/ as the package installs them, for user gguf-router; returns the port."""
     port = free_port()
-    c = container
     c.run("useradd", "--system", "--home-dir", "/var/lib/gguf-router", "--no-create-home",
           "--shell", "/usr/sbin/nologin", "gguf-router")
     c.run("loginctl", "enable-linger", "gguf-router")
@@ -58,6 +61,12 @@ printf '[Service]\\nExecStart=\\nExecStart={router_argv(llama_server)}\\nBindRea
 printf '[Socket]\\nListenStream=\\nListenStream=127.0.0.1:{port}\\n' > /etc/systemd/system/gguf-router.socket.d/test.conf
 systemctl daemon-reload""")
     c.run("systemctl", "start", "gguf-router.socket")
+    return port
+
+
+def test_packaged_units_socket_activation_model_units_restart_and_adoption(container, llama_server):
+    c = container
+    port = install_packaged_units(c, llama_server)
     assert c.run("systemctl", "is-active", "gguf-router.service", check=False).strip() == "inactive"
 
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
@@ -195,3 +204,45 @@ def test_a_long_context_real_model_gets_a_limit_it_fits_in_and_an_oom_while_load
         assert status["failed"] and status["error"].startswith("killed: out of memory (limit 300.0 MiB")
         assert 'gguf_router_model_oom_kills_total{model="smol-held"} 1' in http.get("/metrics").text
         assert models(http)["smol-65536"]["value"] == "loaded"  # the other model was not touched
+
+
+def test_a_restart_under_load_refuses_no_connection_and_fails_no_request(container, llama_server):
+    """Clients keep asking while `systemctl restart gguf-router` runs twice: the old router finishes
+    what it has, new connections wait in the socket's backlog for the next one, which adopts the
+    model's unit; no connection is refused and every request is answered."""
+    c = container
+    port = install_packaged_units(c, llama_server)
+    url = f"http://127.0.0.1:{port}"
+    assert httpx.post(url + "/v1/chat/completions", json=chat("tiny-a"), timeout=60).status_code == 200
+    outcomes: collections.Counter = collections.Counter()
+    done = threading.Event()
+
+    def ask(stream: bool) -> None:
+        while not done.is_set():
+            try:  # a new connection each time, as a fresh client would
+                body = chat("tiny-a", max_tokens=30 if stream else 8, stream=stream)
+                with httpx.Client(timeout=60) as client, client.stream("POST", url + "/v1/chat/completions", json=body) as reply:
+                    text = reply.read().decode()
+                    whole = reply.status_code == 200 and (not stream or text.rstrip().endswith("data: [DONE]"))
+                    outcomes["answered" if whole else f"failed {reply.status_code}: {text[-200:]}"] += 1
+            except httpx.ConnectError:
+                outcomes["connection refused"] += 1
+            except httpx.HTTPError as exc:
+                outcomes[f"failed: {type(exc).__name__}"] += 1
+
+    clients = [threading.Thread(target=ask, args=(stream,)) for stream in (False, False, True)]
+    for t in clients:
+        t.start()
+    pids = []
+    for _ in range(2):
+        time.sleep(2)
+        pids.append(c.run("systemctl", "show", "-p", "MainPID", "--value", "gguf-router").strip())
+        c.run("systemctl", "restart", "gguf-router.service")
+    time.sleep(3)
+    done.set()
+    for t in clients:
+        t.join()
+    pids.append(c.run("systemctl", "show", "-p", "MainPID", "--value", "gguf-router").strip())
+    print(f"\nrequests through two restarts: {dict(outcomes)}")
+    assert len(set(pids)) == 3  # three routers served in turn
+    assert outcomes["answered"] > 20 and set(outcomes) == {"answered"}, dict(outcomes)

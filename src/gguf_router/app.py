@@ -59,12 +59,27 @@ class GuardedProtocol(HttpProtocol):
       connection for ever: here the whole request must arrive within the timeout;
     - past `--max-connections` open connections, a new one gets a 503 and is closed at once."""
 
-    __slots__ = ("_began", "_refused")
+    __slots__ = ("_began", "_refused", "_accepted")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._began = time.monotonic()
+        self._began = self._accepted = time.monotonic()
         self._refused = False
+
+    def close_if_idle(self) -> bool:
+        """Sanic calls this on every connection once, as it stops, and closes the idle ones; but one
+        accepted a moment ago has its request on the way, and one serving a request would keep
+        its keep-alive connection open afterwards. Here a busy connection answers with
+        `Connection: close`, and each is looked at again shortly until it is idle and not new."""
+        http = getattr(self, "_http", None)
+        if http is not None and http.stage is Stage.HANDLER:
+            http.keep_alive = False
+        if (http is None or http.stage is Stage.IDLE) and time.monotonic() - self._accepted > 1.0:
+            self.close()
+            return True
+        if self.transport is not None and not self.transport.is_closing():
+            self.loop.call_later(0.25, self.close_if_idle)
+        return False
 
     def connection_made(self, transport) -> None:
         limit = self.app.config.MAX_CONNECTIONS

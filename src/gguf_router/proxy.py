@@ -30,9 +30,14 @@ _DROP_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "co
                             "content-encoding", "server", "date"})
 
 
+# llama-server (cpp-httplib) closes a keep-alive connection idle for 5 s; one kept longer here
+# would be reused just as the child closes it.
+CHILD_KEEPALIVE = 4.0
+
+
 class ChildConnector(aiohttp.BaseConnector):
     def __init__(self, runtime_dir: Path):
-        super().__init__(limit=0, keepalive_timeout=30)
+        super().__init__(limit=0, keepalive_timeout=CHILD_KEEPALIVE)
         self.runtime_dir = runtime_dir
 
     async def _create_connection(self, req, traces, timeout):
@@ -69,7 +74,11 @@ async def forward(request: Request, session: aiohttp.ClientSession, model: Model
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
     url = child_url(model, request.path, request.query_string)
     try:
-        upstream = await session.request(request.method, url, data=request.body or None, headers=headers)
+        try:
+            upstream = await session.request(request.method, url, data=request.body or None, headers=headers)
+        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+            # A pooled connection the child closed as it was taken: once more, on a new one.
+            upstream = await session.request(request.method, url, data=request.body or None, headers=headers)
     except aiohttp.ClientError as exc:
         raise RouterError(502, f"model '{model.id}' did not answer: {exc}") from exc
     try:
