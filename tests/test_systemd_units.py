@@ -246,3 +246,20 @@ def test_a_restart_under_load_refuses_no_connection_and_fails_no_request(contain
     print(f"\nrequests through two restarts: {dict(outcomes)}")
     assert len(set(pids)) == 3  # three routers served in turn
     assert outcomes["answered"] > 20 and set(outcomes) == {"answered"}, dict(outcomes)
+
+
+def test_systemd_analyze_security_of_the_router_and_a_model_unit(container, llama_server):
+    """Prints systemd's exposure score of gguf-router.service and of a model's unit (in the user
+    manager, as packaged); README lists what remains exposed and why."""
+    c = container
+    port = install_packaged_units(c, llama_server)
+    assert httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat("tiny-a"), timeout=60).status_code == 200
+    router = c.run("systemd-analyze", "security", "--no-pager", "gguf-router.service")
+    unit = c.run("systemctl", "--user", "list-units", "--plain", "--no-legend", "gguf-router-model-*",
+                 user="gguf-router").split()[0]
+    model = c.run("systemd-analyze", "--user", "security", "--no-pager", unit, user="gguf-router")
+    scores = {name: float(text.strip().splitlines()[-1].split("exposure level for")[1].split(":")[1].split()[0])
+              for name, text in (("gguf-router.service", router), ("model unit", model))}
+    print(f"\nsystemd-analyze security: {scores}\n--- gguf-router.service\n{router}\n--- {unit}\n{model}")
+    assert scores["gguf-router.service"] < 3.0  # systemd's "OK" band and below
+    assert scores["model unit"] < 5.0  # a user manager's units cannot drop capabilities or own /dev

@@ -191,6 +191,22 @@ class SystemdLauncher:
             "PrivateTmp=yes",
             "ProtectSystem=strict",
             "ProtectHome=read-only",
+            "SystemCallFilter=@system-service",
+            "SystemCallFilter=~@privileged",
+            "SystemCallErrorNumber=EPERM",
+            "SystemCallArchitectures=native",
+            "RestrictNamespaces=yes",
+            "RestrictRealtime=yes",
+            "RestrictSUIDSGID=yes",
+            "LockPersonality=yes",
+            "ProtectKernelTunables=yes",
+            "ProtectKernelModules=yes",
+            "ProtectKernelLogs=yes",
+            "ProtectControlGroups=yes",
+            "ProtectClock=yes",
+            "ProtectHostname=yes",
+            # Its unix socket, and netlink for GPU drivers; the network only for llama.cpp's RPC backend.
+            "RestrictAddressFamilies=AF_UNIX AF_NETLINK" + (" AF_INET AF_INET6" if "--rpc" in spec.argv else ""),
             f"ExecStopPost={sys.executable} -m gguf_router.launchers.exitreport {exit_file} {unit}",
         ]
         # PrivateTmp hides /tmp: what the unit needs from there (a checkout, a test's files, the
