@@ -140,14 +140,21 @@ class RouterProcess:
                 return float(line.rsplit(" ", 1)[1])
         raise AssertionError(f"no sample {name}{wanted} in /metrics")
 
-    def child_pid(self, model_id: str) -> int:
+    def pid_of(self, model_id: str) -> int | None:
+        """The pid of the model's running llama-server, if there is one now."""
         for p in self.children():
             try:
                 if model_id in p.cmdline():
                     return p.pid
             except psutil.NoSuchProcess:  # (ZombieProcess too) it exited just now
                 pass
-        raise AssertionError(f"no llama-server for {model_id}")
+        return None
+
+    def child_pid(self, model_id: str) -> int:
+        pid = self.pid_of(model_id)
+        if pid is None:
+            raise AssertionError(f"no llama-server for {model_id}")
+        return pid
 
     def wait_for(self, predicate, timeout: float = 30, what: str = "condition"):
         return wait_for(predicate, timeout, what, context=lambda: f"; router log:\n{self.log()[-4000:]}")

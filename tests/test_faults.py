@@ -144,7 +144,7 @@ def test_a_hung_child_is_killed_reported_unresponsive_and_restarted(start_router
         with ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(r.http.post, "/v1/chat/completions", json=chat("tiny-a"))
             # killed within its health timeout (plus a check's interval), restarted after the backoff
-            r.wait_for(lambda: r.state("tiny-a") == "loaded" and [p.pid for p in r.children()] not in ([], [hung]),
+            r.wait_for(lambda: r.state("tiny-a") == "loaded" and r.pid_of("tiny-a") not in (None, hung),
                        timeout=30, what="tiny-a killed and restarted")
             reply = in_flight.result(timeout=30)
         assert reply.status_code == 502 and reply.json()["error"]["code"] == 502  # an answer, not a hang
