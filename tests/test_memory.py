@@ -95,6 +95,8 @@ def test_unknown_layouts_get_a_conservative_estimate_never_zero():
         e = estimate(odd, {})
         assert e.conservative and e.host > e.weights + e.kv_cache > 0
     assert estimate(info("llama"), {}).conservative is None
+    hostile = estimate(info("llama", block_count=10**12), {"np": "0", "c": "-5"})  # quickly, and not zero
+    assert hostile.conservative.startswith("implausible block count") and hostile.host > 0
 
 
 def test_gpu_layers_count_apart_from_host_only_where_there_is_a_gpu():

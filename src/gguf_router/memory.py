@@ -59,6 +59,7 @@ SWA_PATTERNS = {
     "mellum": (4, False),
 }
 KV_PAD = 256
+MAX_LAYERS = 4096  # real models have a few hundred at most
 # The process beyond its buffers, fitted to llama-server b11434 on x86-64 (tests/test_memory.py
 # holds the whole estimate to 10 % of real children): code, libraries and threads; the
 # tokenizer's tables per vocabulary entry; the graph's objects per layer; the slots' token
@@ -205,6 +206,8 @@ def estimate(info: GGUFInfo, options: dict[str, str], weights: int | None = None
     `ctx-size` ...), as the preset merge produced them; `weights`: tensor bytes of all shards."""
     hp = info.hparams
     n_layer = int(hp.get("block_count") or 1)
+    if not 0 < n_layer <= MAX_LAYERS:  # a corrupt or hostile header: estimate, but do not trust it
+        n_layer = MAX_LAYERS
     n_embd = int(hp.get("embedding_length") or 0)
     heads = _per_layer(hp.get("attention.head_count"), n_layer, 1)
     heads_kv = _per_layer(hp.get("attention.head_count_kv"), n_layer, heads[0])
@@ -214,17 +217,22 @@ def estimate(info: GGUFInfo, options: dict[str, str], weights: int | None = None
     weights = info.tensor_bytes if weights is None else weights
 
     conservative = None
-    if info.architecture not in PLAIN_ATTENTION:
+    if n_layer == MAX_LAYERS:
+        conservative = f"implausible block count {hp.get('block_count')!r}"
+    elif info.architecture not in PLAIN_ATTENTION:
         conservative = f"the cache layout of architecture {info.architecture!r} is not known to the estimator"
     elif any(key.startswith(("ssm.", "wkv.", "shortconv.")) or key == "attention.kv_lora_rank" for key in hp):
         conservative = "recurrent or latent-attention layers"
 
     # llama_context: the context, padded; split per sequence unless unified; batch limits.
-    n_ctx = int(_number(options, 0, "c", "ctx-size")) or int(info.context_length or 4096)
+    n_ctx = int(_number(options, 0, "c", "ctx-size"))
+    if n_ctx <= 0:  # 0: the context the model was trained with
+        n_ctx = int(info.context_length or 4096)
     n_parallel = int(_number(options, -1, "np", "parallel"))
     unified = _flag(options, "kvu", "kv-unified")
     if n_parallel < 0:  # the server's auto: 4 slots sharing one cache
         n_parallel, unified = 4, True if unified is None else unified
+    n_parallel = max(n_parallel, 1)
     unified = bool(unified)
     n_ctx = -(-n_ctx // KV_PAD) * KV_PAD
     n_ctx_seq = n_ctx if unified else -(-(n_ctx // n_parallel) // KV_PAD) * KV_PAD
