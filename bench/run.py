@@ -328,7 +328,8 @@ async def main() -> None:
     for seed, name in enumerate(("tiny-a", "tiny-b", "tiny-c")):
         write_tiny_model(models / f"{name}.gguf", seed=seed)
     rows, rss, memory_rows = [], {}, []
-    connector = aiohttp.TCPConnector(limit=0)
+    # Under llama-server's 5 s keep-alive (cpp-httplib): a connection idle longer is closed under us.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
     # `scripts/dev bench discovery`, `... memory` or `... admission`: that part alone
     only = sys.argv[1] if sys.argv[1:] in (["discovery"], ["memory"], ["admission"]) else None
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:

@@ -86,11 +86,11 @@ class _Header:
             raise InvalidGGUF(f"implausible string length {n}")
         return self.read(n).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, keep_arrays: bool = True):
         if vtype == GGUFValueType.STRING:
             return self.string()
         if vtype == GGUFValueType.ARRAY:
-            return self.array()
+            return self.array() if keep_arrays else self.skip_array()
         try:
             return self.unpack(_SCALAR[GGUFValueType(vtype)])
         except (ValueError, KeyError):
@@ -109,9 +109,12 @@ class _Header:
         self.skip_items(etype, n)
         return n
 
-    def skip_array(self) -> None:
+    def skip_array(self) -> int:
+        """Skips an array; returns its length."""
         etype = self.unpack("<I")
-        self.skip_items(etype, self.count("array element"))
+        n = self.count("array element")
+        self.skip_items(etype, n)
+        return n
 
     def skip_items(self, etype: int, n: int) -> None:
         if etype == GGUFValueType.STRING:
@@ -145,7 +148,9 @@ def read_info(path: Path) -> GGUFInfo:
         kv: dict[str, object] = {}
         for _ in range(n_kv):
             key = h.string()
-            kv[key] = h.value(h.unpack("<I"))
+            # The tokenizer's arrays (scores, types, merges) are only counted: per-layer arrays
+            # are the architecture's, and reading the others would slow a scan of many files.
+            kv[key] = h.value(h.unpack("<I"), keep_arrays=not key.startswith("tokenizer."))
         n_params = 0
         data_end = 0
         tensor_bytes = repackable_bytes = 0
