@@ -179,10 +179,16 @@ def test_check_config_shows_each_models_command_line_or_the_error(models_dir, ll
     assert f"{preset_file}:4: jinja = 'perhaps' is not a boolean" in out.stderr
 
 
-def test_the_shipped_config_files_are_valid(models_dir, llama_server):
+def test_the_shipped_config_files_are_valid(models_dir, llama_server, tmp_path):
     etc = os.path.join(os.path.dirname(__file__), "..", "etc")
-    out = subprocess.run([sys.executable, "-m", "gguf_router", "check-config", "--config", f"{etc}/gguf-router.conf",
-                          "--models-preset", f"{etc}/presets.ini", "--models-dir", str(models_dir),
-                          "--llama-server", str(llama_server)], capture_output=True, text=True)
+    run = [sys.executable, "-m", "gguf_router", "check-config", "--config", f"{etc}/gguf-router.conf",
+           "--models-preset", f"{etc}/presets.ini", "--models-dir", str(models_dir), "--llama-server", str(llama_server)]
+    # The shipped file names the key the package writes on install; here it does not exist yet.
+    out = subprocess.run(run, capture_output=True, text=True)
+    assert out.returncode == 1 and "/etc/gguf-router/api-keys: api-key-file cannot be read" in out.stderr
+    keys = tmp_path / "api-keys"
+    keys.write_text("a-key\n")
+    out = subprocess.run(run, capture_output=True, text=True, env={**os.environ, "GGUF_ROUTER_API_KEY_FILE": str(keys)})
     assert out.returncode == 0, out.stderr
     assert "etc/gguf-router.conf" in out.stdout and "tiny-a (models_dir)" in out.stdout
+    assert f"API keys:     1 (api-key-file {keys})" in out.stdout

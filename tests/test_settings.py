@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from gguf_router.cli import parse_settings
@@ -77,3 +79,22 @@ def test_bad_command_line_values_are_refused_by_name(argv, where):
     with pytest.raises(ConfigError) as caught:
         parse_settings(argv)
     assert caught.value.where == where
+
+
+def test_the_default_llama_server_is_the_one_on_the_path_then_the_packaged_one(tmp_path, monkeypatch):
+    from gguf_router import settings
+
+    own = tmp_path / "bin" / "llama-server"
+    own.parent.mkdir()
+    own.write_text("#!/bin/sh\n")
+    own.chmod(0o755)
+    packaged = tmp_path / "lib" / "llama-server"
+    monkeypatch.setattr(settings, "PACKAGED_LLAMA_SERVER", packaged)
+    monkeypatch.setenv("PATH", str(own.parent))
+    assert parse_settings([]).llama_server == own  # an admin's own build (CUDA, Vulkan) wins
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert parse_settings([]).llama_server == settings.BUILT_LLAMA_SERVER  # nothing installed
+    packaged.parent.mkdir()
+    packaged.touch()
+    assert parse_settings([]).llama_server == packaged
+    assert parse_settings(["--llama-server", "/opt/x/llama-server"]).llama_server == Path("/opt/x/llama-server")

@@ -57,6 +57,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-api-key-file", type=Path, help="file of admin keys, one per line")
     p.add_argument("--cors-origin", dest="cors_origins", action="append",
                    help="an origin browsers may call the API from (https://app.example); repeatable; none by default")
+    # llama-server's own names (--ssl-*) too: passed on to the children, they would break them.
+    p.add_argument("--tls-cert-file", "--ssl-cert-file", dest="tls_cert_file", type=Path,
+                   help="serve HTTPS with this PEM certificate (chain); with --tls-key-file")
+    p.add_argument("--tls-key-file", "--ssl-key-file", dest="tls_key_file", type=Path,
+                   help="the certificate's PEM private key")
     p.add_argument("--max-body", help="largest request body (default 64M); larger ones get 413")
     p.add_argument("--max-connections", type=int,
                    help="open client connections at most; past it a new one gets 503 and is closed (default 1024)")
@@ -112,6 +117,7 @@ def fail(message: str) -> None:
 
 def check_config(argv: list[str]) -> None:
     """Prints what the router would serve and how, or the first config error (exit 1)."""
+    from . import tls
     from .catalog import build, read_presets
     from .discovery import Discovery
     from .memory import memory_line
@@ -121,12 +127,17 @@ def check_config(argv: list[str]) -> None:
         presets, child_options = read_presets(settings)
         runtime_dir = settings.runtime_dir or Path("$RUNTIME_DIR")
         catalog = build(settings, Discovery(settings.models_dir, settings.hf_cache), presets, child_options, runtime_dir)
+        tls.check(settings)
+        keys = settings.all_api_keys()
     except (ConfigError, LlamaServerError) as exc:
         print(f"gguf-router: config error: {exc}", file=sys.stderr)
         sys.exit(1)
     print(f"config file:  {settings.config or 'none (defaults)'}")
     print(f"presets:      {', '.join(map(str, presets.files)) or 'none'}")
     print(f"llama-server: {settings.llama_server}")
+    print(f"TLS:          {settings.tls_cert_file or 'off'}")
+    source = f" (api-key-file {settings.api_key_file})" if settings.api_key_file else ""
+    print(f"API keys:     {len(keys)}{source}" if keys else "API keys:     none: anyone who reaches the port may use it")
     print(f"models dir:   {settings.models_dir or 'none'}")
     for warning in catalog.warnings:
         print(f"warning: {warning}")
@@ -169,8 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(exc))
     setup_logging(settings)
     if not settings.llama_server.exists():
-        fail(f"no llama-server at {settings.llama_server}: build one with scripts/build-llama-server "
-             "or name yours: llama-server = PATH in the [router] section of /etc/gguf-router/gguf-router.conf, "
+        fail(f"no llama-server at {settings.llama_server}: install the gguf-router-llama-server package, "
+             "build one with scripts/build-llama-server, or name yours: llama-server = PATH in the [router] section of /etc/gguf-router/gguf-router.conf, "
              "--llama-server PATH or GGUF_ROUTER_LLAMA_SERVER")
     if settings.models_dir is not None and not settings.models_dir.is_dir():
         fail(f"--models-dir {settings.models_dir} is not a folder")
@@ -186,15 +197,17 @@ def main(argv: list[str] | None = None) -> None:
         app = create_app(settings, lambda: load_settings(given))
     except (ConfigError, LlamaServerError) as exc:
         fail(str(exc))
-    run = dict(single_process=True, access_log=False, motd=False, protocol=GuardedProtocol)
+    run = dict(single_process=True, access_log=False, motd=False, protocol=GuardedProtocol,
+               ssl=app.ctx.router.tls)
+    scheme = "https" if app.ctx.router.tls else "http"
     if sockets:
         # Every socket the unit lists (TCP, IPv6, unix ...), one app serving them all.
         for sock in sockets:
-            log.info("listening on %s (socket activation)", sock.getsockname() or "an unnamed socket")
+            log.info("listening on %s (socket activation, %s)", sock.getsockname() or "an unnamed socket", scheme)
             app.prepare(sock=sock, **run)
         Sanic.serve_single(app)
     else:
-        log.info("listening on http://%s:%d", settings.host, settings.port)
+        log.info("listening on %s://%s:%d", scheme, settings.host, settings.port)
         app.run(host=settings.host, port=settings.port, **run)
 
 

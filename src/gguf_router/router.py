@@ -12,6 +12,7 @@ from typing import Callable
 
 import aiohttp
 
+from . import tls
 from .catalog import build, read_presets
 from .discovery import Discovery
 from .events import Events
@@ -50,6 +51,7 @@ class Router:
         self.presets, self.cli = read_presets(settings)
         self.api_keys = settings.all_api_keys()
         self.admin_keys = settings.all_admin_keys()
+        self.tls = tls.server_context(settings)
         self.runtime_dir = settings.runtime_dir or Path(tempfile.mkdtemp(prefix="gguf-router-"))
         self.discovery = Discovery(settings.models_dir, settings.hf_cache)
         self.events = Events()
@@ -113,6 +115,7 @@ class Router:
             settings = self._reload_settings()
             presets, cli = await asyncio.to_thread(read_presets, settings)
             keys = settings.all_api_keys(), settings.all_admin_keys()
+            await asyncio.to_thread(tls.check, settings)
             if (settings.models_dir, settings.hf_cache) != (discovery.models_dir, discovery.hf_cache):
                 discovery = Discovery(settings.models_dir, settings.hf_cache)
             for name in ("host", "port", "runtime_dir", "state_dir", "max_body", "request_timeout", "max_connections"):
@@ -123,6 +126,8 @@ class Router:
         watched_before = self._watched()
         self.settings, self.presets, self.cli = settings, presets, cli
         self.api_keys, self.admin_keys = keys
+        if reread_config:
+            await asyncio.to_thread(tls.refresh, self.tls, settings)
         self.discovery = discovery
         discovery.settle = SETTLE
         self.scheduler.limits, self.scheduler.queue_limits = scheduling_limits(settings), queue_limits(settings)

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -24,14 +24,19 @@ ETC_DIR = Path("/etc/gguf-router")
 DEFAULT_CONFIG = ETC_DIR / "gguf-router.conf"
 DEFAULT_PRESETS = ETC_DIR / "presets.ini"
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gguf-router"
-# Where scripts/build-llama-server puts its build; used when no other binary is named.
+# Where the gguf-router-llama-server package installs its CPU build: off the PATH, so that an
+# administrator's own (GPU) build on the PATH is preferred.
+PACKAGED_LLAMA_SERVER = Path("/usr/lib/gguf-router/llama-server")
+# Where scripts/build-llama-server puts its build (a checkout's `scripts/dev`).
 BUILT_LLAMA_SERVER = CACHE_DIR / "llama-server-b11434" / "bin" / "llama-server"
 
+
 def default_llama_server() -> Path:
-    if BUILT_LLAMA_SERVER.exists():
-        return BUILT_LLAMA_SERVER
+    """When none is configured: `llama-server` on the PATH, the packaged one, the checkout's build."""
     found = shutil.which("llama-server")
-    return Path(found) if found else BUILT_LLAMA_SERVER
+    if found:
+        return Path(found)
+    return PACKAGED_LLAMA_SERVER if PACKAGED_LLAMA_SERVER.exists() else BUILT_LLAMA_SERVER
 
 
 def default_hf_cache() -> Path | None:
@@ -98,6 +103,10 @@ class Settings(BaseSettings):
     admin_api_key_file: Path | None = None
     # Origins a browser may call the API from (CORS); none by default.
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
+    # TLS on every socket the router serves (its own or systemd's); both files in PEM, readable
+    # by the router's user. A reload loads them again (renewed certificates).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     max_body: str = "64M"  # request bodies: long prompts with images fit
     request_timeout: float = Field(60.0, gt=0)  # seconds a request's headers and body may take to arrive
     max_connections: int = Field(1024, ge=1)  # open client connections at most
@@ -149,6 +158,12 @@ class Settings(BaseSettings):
             from .launchers.cgroup import host_memory
             return max(host_memory() - parse_size(self.memory_reserve), 0)
         return parse_size(self.memory_budget)
+
+    @model_validator(mode="after")
+    def _tls_pair(self):
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls-cert-file and tls-key-file go together: set both or neither")
+        return self
 
     @field_validator("max_body")
     @classmethod
