@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+import gguf_router
+
 from conftest import chat
 
 
@@ -57,6 +59,8 @@ def test_router_props(start_router):
     r = start_router("--models-max", "3", "--no-models-autoload")
     props = r.http.get("/props").json()
     assert props["role"] == "router" and props["max_instances"] == 3 and props["models_autoload"] is False
+    # llama-server's build where clients that detect router mode look for it; ours beside it
+    assert props["build_info"] == "b11434-unknown" and props["gguf_router_version"] == gguf_router.__version__
 
 
 def test_models_listing_has_llama_cpp_shape(router, models_dir):
@@ -102,6 +106,9 @@ def test_load_unload_and_status_through_the_api(router):
     ("GET", "/slots", None, 400, "model name is missing"),
     ("POST", "/v1/chat/completions?autoload=maybe", chat("tiny-a"), 400, "autoload must be true or false"),
     ("GET", "/no/such/path", None, 404, "not found"),
+    ("DELETE", "/models?model=tiny-a", None, 400, "not removable: only models from the Hugging Face cache"),
+    ("DELETE", "/models?model=nope", None, 400, "model 'nope' not found"),
+    ("POST", "/models", {"model": "ggml-org/x:Q8_0"}, 501, "the router does not download models"),
 ])
 def test_bad_requests_get_openai_errors_and_change_nothing(router, method, path, body, status, message):
     content = body if isinstance(body, str) else (json.dumps(body) if body is not None else None)

@@ -60,10 +60,13 @@ def test_live_events_in_llama_cpp_shape(router):
     events = []
     with router.http.stream("GET", "/models/sse") as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
+        lines = stream.iter_lines()
+        # at once, before any event: the client knows it is subscribed (an EventSource's onopen)
+        assert next(lines) == ": subscribed"
 
         def read():
             try:
-                for line in stream.iter_lines():
+                for line in lines:
                     if line.startswith("data: "):
                         events.append(json.loads(line[6:]))
             except httpx.HTTPError:

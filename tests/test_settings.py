@@ -6,7 +6,7 @@ from gguf_router.cli import parse_settings
 from gguf_router.ini import ConfigError
 
 ROUTER_VARS = ("GGUF_ROUTER_PORT", "GGUF_ROUTER_HOST", "GGUF_ROUTER_MODELS_MAX", "GGUF_ROUTER_API_KEYS",
-               "GGUF_ROUTER_CONFIG", "GGUF_ROUTER_MODELS_AUTOLOAD")
+               "GGUF_ROUTER_CONFIG", "GGUF_ROUTER_MODELS_AUTOLOAD", "GGUF_ROUTER_LLAMA_SERVER")
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,8 @@ MANAGEMENT_PATHS = frozenset({"/models/load", "/models/unload", "/models/reload"
 def _managing(request: Request) -> bool:
     path = request.path
     return (path in MANAGEMENT_PATHS or (request.method == "POST" and path.startswith("/slots/"))
-            or (path in ("/models", "/v1/models") and request.args.get("reload") in ("1", "true")))
+            or (path in ("/models", "/v1/models")
+                and (request.method in ("DELETE", "POST") or request.args.get("reload") in ("1", "true"))))
 
 
 def _given_key(request: Request) -> str:

@@ -12,6 +12,7 @@ from sanic.response import JSONResponse, json as json_response
 from . import __version__
 from .errors import RouterError, bad_request
 from .ini import ConfigError
+from .llama_options import build_info
 from .model import HOLDS_SLOT, Model, ModelState, Plan
 
 bp = Blueprint("api")
@@ -100,7 +101,7 @@ def model_entry(model: Model, scheduler) -> dict:
         "architecture": {"input_modalities": ["text", "image"] if file.mmproj else ["text"],
                          "output_modalities": ["text"]},
         "source": file.source,
-        "can_remove": False,
+        "can_remove": file.source == "cache",  # DELETE /models?model= deletes its files
         "gguf": file.info.as_json() if file.info else None,
     }
     if model.loaded_info:
@@ -118,28 +119,34 @@ async def list_models(request: Request) -> JSONResponse:
     router = request.app.ctx.router
     if request.args.get("reload") in ("1", "true"):
         await reload_router(router)
-    models = sorted((m for m in router.scheduler.models.values() if not m.removed), key=lambda m: m.id)
+    models = sorted((m for m in router.scheduler.models.values() if not m.removed and not m.config.hidden),
+                    key=lambda m: m.id)
     return json_response({"data": [model_entry(m, router.scheduler) for m in models], "object": "list"})
 
 
 async def model_events(request: Request):
-    """llama.cpp's live event stream; a comment every 15 s keeps idle connections open."""
-    response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    """llama.cpp's live event stream. The headers and a first comment go out at once, so a client
+    (a browser's EventSource) knows it is subscribed before any event; a comment every 15 s keeps
+    idle connections open."""
     events = request.app.ctx.router.events.subscribe()
     next_event = None
     try:
+        response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        await response.send(": subscribed\n\n")
         while True:
-            next_event = next_event or asyncio.ensure_future(anext(events))
+            next_event = next_event or asyncio.ensure_future(events.next())
             done, _ = await asyncio.wait({next_event}, timeout=15)
             if not done:
                 await response.send(": keep-alive\n\n")
                 continue
             message, next_event = next_event.result(), None
+            if message is None:
+                return  # dropped for not reading: it reconnects
             await response.send(f"data: {json.dumps(message)}\n\n")
     finally:
         if next_event is not None:
             next_event.cancel()
-        await events.aclose()
+        events.close()
 
 
 async def model_logs(request: Request) -> JSONResponse:
@@ -194,6 +201,17 @@ async def unload_model(request: Request) -> JSONResponse:
     return json_response({"success": True})
 
 
+async def remove_model(request: Request) -> JSONResponse:
+    await request.app.ctx.router.remove_from_cache(model_field({"model": request.args.get("model")}))
+    return json_response({"success": True})
+
+
+async def download_model(request: Request) -> JSONResponse:
+    raise RouterError(501, "the router does not download models: fetch one into its Hugging Face cache as the "
+                           "router's user (llama-server -hf USER/REPO:QUANT, stopped once it serves) or copy a GGUF "
+                           "into the models dir; either is listed within seconds")
+
+
 def router_props(request: Request) -> JSONResponse:
     router = request.app.ctx.router
     settings = router.settings
@@ -208,7 +226,9 @@ def router_props(request: Request) -> JSONResponse:
         "model_path": "none",
         "default_generation_settings": {"params": None, "n_ctx": 0},
         "ui_settings": {},
-        "build_info": f"gguf-router {__version__}",
+        # The models' llama-server build, where clients that detect router mode look for it.
+        "build_info": build_info(settings.llama_server),
+        "gguf_router_version": __version__,
         "cors_proxy_enabled": False,
     })
 
@@ -219,4 +239,6 @@ add_routes(bp, load_model, "POST", "/models/load")
 add_routes(bp, unload_model, "POST", "/models/unload")
 add_routes(bp, reload_models, "POST", "/models/reload")
 add_routes(bp, model_events, "GET", "/models/sse")
+add_routes(bp, remove_model, "DELETE", "/models", "/v1/models")
+add_routes(bp, download_model, "POST", "/models", "/v1/models")
 add_routes(bp, model_logs, "GET", "/models/logs")

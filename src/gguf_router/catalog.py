@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from . import hfcache
 from .discovery import Discovery, ModelFile
 from .ini import ConfigError
 from .llama_options import has_gpu, options_of
@@ -37,6 +38,7 @@ class ModelConfig:
     pinned: bool = False  # never stopped to make room for another model
     ttl: float = 0.0  # seconds idle before it is stopped; 0 = never
     health_timeout: float = 30.0  # seconds without an answer on /health before it is killed
+    hidden: bool = False  # a cache entry a preset uses (dedup-cache-models): not listed, still served
 
     @property
     def id(self) -> str:
@@ -103,24 +105,38 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
     """Blocking: run it in a thread from async code."""
     files = discovery.scan()
     warnings: list[str] = []
+    hf_paths: dict[str, dict[str, Path]] = {}  # preset -> {hf key: the cache file it resolved to}
     for name, section in presets.models.items():
-        if section.model is None:
+        if "hf-repo" in section.hf:
+            if section.model is not None:
+                raise ConfigError(section.model.where, f"[{name}] names its file twice: keep model = or hf-repo =")
+            path, mmproj = _from_cache(section, "hf-repo", settings.hf_cache)
+            hf_paths.setdefault(name, {})["hf-repo"] = path
+            described = discovery.describe(name, path, "preset", mmproj)
+        elif section.model is not None:
+            path = Path(section.model.text).expanduser()
+            if not path.is_absolute():
+                path = (settings.models_dir or section.model.path.parent) / path
+            described = discovery.describe(name, path, "preset", None)
+        else:
             if name not in files:
                 warnings.append(f"preset [{name}] matches no model in the models dir (and sets no model = PATH)")
             continue
-        path = Path(section.model.text).expanduser()
-        if not path.is_absolute():
-            path = (settings.models_dir or section.model.path.parent) / path
-        described = discovery.describe(name, path, "preset", None)
         if described is not None:
             files[name] = described
 
     models: dict[str, ModelConfig] = {}
     gpu = has_gpu(settings.llama_server)
-    cache_ram = options_of(settings.llama_server).lookup("cache-ram") is not None
+    table = options_of(settings.llama_server)
+    cache_ram = table.lookup("cache-ram") is not None
     for model_id, file in files.items():
         section = presets.for_model(model_id)
         effective = Section({**section.options, **cli.options}, section.router, section.model)
+        if "spec-draft-hf" in section.hf:
+            draft, _ = _from_cache(section, "spec-draft-hf", settings.hf_cache)
+            hf_paths.setdefault(model_id, {})["spec-draft-hf"] = draft
+            option, _ = table.lookup("LLAMA_ARG_SPEC_DRAFT_MODEL")
+            effective.options.setdefault(option.flag, (option, str(draft), section.hf["spec-draft-hf"]))
         memory, added = _memory(file, effective, gpu, cache_ram)
         argv = [str(settings.llama_server), *to_argv(effective),
                 # --metrics: the router's /metrics includes each loaded child's own figures.
@@ -138,7 +154,31 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
             router.get("health-timeout", settings.health_timeout))
     _check_aliases(models, presets, warnings)
     _check_pinned(models, presets, settings.budget_bytes())
+    _hide_deduplicated(models, presets, hf_paths)
     return Catalog(models, presets, tuple(warnings))
+
+
+def _from_cache(section: Section, key: str, root: Path | None) -> tuple[Path, Path | None]:
+    """The cache file (and mmproj) a preset's hf-repo or spec-draft-hf names; ConfigError if absent."""
+    value = section.hf[key]
+    hf_file = section.hf["hf-file"].text if key == "hf-repo" and "hf-file" in section.hf else ""
+    found = hfcache.resolve(root, value.text, hf_file) if root else None
+    if found is None:
+        what = f"{value.text} (hf-file {hf_file})" if hf_file else value.text
+        raise ConfigError(value.where, f"{key} = {what} is not in the Hugging Face cache {root or '(hf-cache is off)'}; "
+                          f"the router does not download: fetch it into that cache first, as the router's user, "
+                          f"e.g. LLAMA_CACHE={root} llama-server -hf {value.text} (stop it once it serves)")
+    return found
+
+
+def _hide_deduplicated(models: dict[str, ModelConfig], presets: Presets, hf_paths: dict[str, dict[str, Path]]) -> None:
+    """dedup-cache-models: the cache entries behind a preset's hf-repo and spec-draft-hf leave
+    the model list (they are the same files under another name) but can still be asked for."""
+    used = {path for name, paths in hf_paths.items()
+            if presets.for_model(name).router.get("dedup-cache-models", (False,))[0] for path in paths.values()}
+    for model_id, config in models.items():
+        if config.file.source == "cache" and config.file.path in used:
+            models[model_id] = replace(config, hidden=True)
 
 
 def _check_pinned(models: dict[str, ModelConfig], presets: Presets, budget: int | None) -> None:

@@ -13,19 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import hfcache
 from .ggufinfo import GGUFInfo, InvalidGGUF, read_info
 
 log = logging.getLogger(__name__)
 
-_DRAFT_PREFIXES = ("mtp-", "dspark-", "dflash-", "eagle3-")
-_SPLIT = re.compile(r"^(.+)-([0-9]{5})-of-([0-9]{5})$", re.IGNORECASE)
-_QUANT = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass(frozen=True)
@@ -37,10 +33,6 @@ class ModelFile:
     info: GGUFInfo | None = None
     error: str | None = None  # why the file cannot be served; None when valid
     stamp: tuple[int, int] = (0, 0)  # size and mtime: a file replaced in place restarts its model
-
-
-def _is_companion(name: str) -> bool:
-    return "mmproj" in name or name.startswith(_DRAFT_PREFIXES)
 
 
 def _gguf_files(folder: Path) -> list[os.DirEntry]:
@@ -72,7 +64,7 @@ class Discovery:
         self.unread = False
         found: dict[str, ModelFile | None] = {}
         if self.hf_cache is not None:
-            for model_id, path, mmproj in self._scan_hf_cache(self.hf_cache):
+            for model_id, path, mmproj in hfcache.cached_models(self.hf_cache):
                 found[model_id] = self.describe(model_id, path, "cache", mmproj)
         if self.models_dir is not None:
             for model_id, path, mmproj in self._scan_models_dir(self.models_dir):
@@ -128,7 +120,7 @@ class Discovery:
                 for f in _gguf_files(Path(entry.path)):
                     if "mmproj" in f.name:
                         mmproj = Path(f.path)
-                    elif f.name.startswith(_DRAFT_PREFIXES):
+                    elif f.name.startswith(hfcache.DRAFT_PREFIXES):
                         continue
                     elif "-00001-of-" in f.name:
                         shard1 = Path(f.path)
@@ -136,54 +128,5 @@ class Discovery:
                         model = Path(f.path)
                 if shard1 or model:
                     yield entry.name, shard1 or model, mmproj
-            elif entry.name.endswith(".gguf") and entry.is_file() and not _is_companion(entry.name):
+            elif entry.name.endswith(".gguf") and entry.is_file() and not hfcache.is_companion(entry.name):
                 yield entry.name[: -len(".gguf")], Path(entry.path), None
-
-    @staticmethod
-    def _scan_hf_cache(root: Path):
-        try:
-            repos = sorted(os.scandir(root), key=lambda e: e.name)
-        except OSError:
-            return
-        for repo in repos:
-            if not repo.name.startswith("models--") or not repo.is_dir():
-                continue
-            repo_id = repo.name[len("models--"):].replace("--", "/")
-            snapshot = _cached_snapshot(Path(repo.path))
-            if snapshot is None:
-                continue
-            files = sorted(p for p in snapshot.rglob("*.gguf") if p.is_file())
-            mmproj = next((p for p in files if "mmproj" in p.name), None)
-            seen = set()
-            for p in files:
-                stem = p.name[: -len(".gguf")]
-                split = _SPLIT.match(stem)
-                if split:
-                    if int(split.group(2)) != 1:
-                        continue
-                    stem = split.group(1)
-                quant = _QUANT.search(stem)
-                if not quant or _is_companion(p.name):
-                    continue
-                model_id = f"{repo_id}:{quant.group(1).upper()}"
-                if model_id not in seen:
-                    seen.add(model_id)
-                    yield model_id, p, mmproj
-
-
-def _cached_snapshot(repo: Path) -> Path | None:
-    """The snapshot refs/main points at (else any valid ref), as llama.cpp picks it."""
-    refs = repo / "refs"
-    commits = []
-    try:
-        for ref in sorted(refs.iterdir(), key=lambda r: r.name != "main"):
-            commit = ref.read_text().strip() if ref.is_file() else ""
-            if _COMMIT.match(commit):
-                commits.append(commit)
-    except OSError:
-        return None
-    for commit in commits:
-        snapshot = repo / "snapshots" / commit
-        if snapshot.is_dir():
-            return snapshot
-    return None

@@ -7,7 +7,6 @@ so a stalled browser tab never holds the router's memory.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator
 
 QUEUE_LIMIT = 1000
 
@@ -26,11 +25,22 @@ class Events:
             except asyncio.QueueFull:
                 self._subscribers.discard(queue)  # its reader drains what is queued, then ends
 
-    async def subscribe(self) -> AsyncIterator[dict]:
-        queue: asyncio.Queue = asyncio.Queue(QUEUE_LIMIT)
-        self._subscribers.add(queue)
-        try:
-            while queue in self._subscribers or not queue.empty():
-                yield await queue.get()
-        finally:
-            self._subscribers.discard(queue)
+    def subscribe(self) -> "Subscription":
+        """Registered at once, so nothing published after this call is missed."""
+        return Subscription(self._subscribers)
+
+
+class Subscription:
+    def __init__(self, subscribers: set[asyncio.Queue]) -> None:
+        self._subscribers = subscribers
+        self._queue: asyncio.Queue = asyncio.Queue(QUEUE_LIMIT)
+        subscribers.add(self._queue)
+
+    async def next(self) -> dict | None:
+        """The next event; None once this subscriber was dropped and has read what was queued."""
+        if self._queue not in self._subscribers and self._queue.empty():
+            return None
+        return await self._queue.get()
+
+    def close(self) -> None:
+        self._subscribers.discard(self._queue)

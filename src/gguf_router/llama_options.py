@@ -128,3 +128,22 @@ def has_gpu(llama_server: Path) -> bool:
         return bool(_gpus(str(llama_server), llama_server.stat().st_mtime_ns))
     except OSError:
         return False
+
+
+@functools.lru_cache(maxsize=4)
+def _build_info(path: str, mtime_ns: int) -> str:
+    try:
+        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    # "version: 0.6.0-dev (build 11434, commit unknown)"
+    found = re.search(r"\(build (\d+), commit ([^)\s]+)\)", out.stdout + out.stderr)
+    return f"b{found.group(1)}-{found.group(2)}" if found else "unknown"
+
+
+def build_info(llama_server: Path) -> str:
+    """llama.cpp's build_info of this llama-server (`b11434-unknown`), as its own /props shows it."""
+    try:
+        return _build_info(str(llama_server), llama_server.stat().st_mtime_ns)
+    except OSError:
+        return "unknown"

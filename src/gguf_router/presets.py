@@ -80,6 +80,9 @@ ROUTER_KEYS: dict[str, Callable[[Value, str], Any]] = {
     "ttl": _seconds,  # idle seconds before the model is stopped (0 = never)
     "pin": parse_bool,  # never stopped to make room; still counted in the memory budget
     "alias": _names,
+    # Hide the Hugging Face cache entries this preset's hf-repo / spec-draft-hf use from /models
+    # (they stay usable by name), as llama.cpp's router does.
+    "dedup-cache-models": parse_bool,
     # systemd launcher: the model unit's resource limits; `environment` reaches either launcher.
     "memory-max": _MEMORY,
     "memory-high": _MEMORY,
@@ -91,9 +94,12 @@ ROUTER_KEYS: dict[str, Callable[[Value, str], Any]] = {
 }
 # llama-server options the router sets for each child; in a preset they would break routing.
 RESERVED = frozenset({"--host", "--port", "--alias", "--model", "--models-dir", "--models-max", "--models-preset",
-                      "--models-autoload", "--api-key", "--api-key-file", "--hf-repo", "--path",
+                      "--models-autoload", "--api-key", "--api-key-file", "--path",
                       "--reuse-port", "--ssl-key-file", "--ssl-cert-file"})
 MODEL_KEYS = frozenset({"model", "m", "LLAMA_ARG_MODEL"})
+# Where a model comes from in the Hugging Face cache (by the options' variables, which name them
+# whatever short or long form the preset uses): resolved by the router to files, never passed on.
+HF_KEYS = {"LLAMA_ARG_HF_REPO": "hf-repo", "LLAMA_ARG_HF_FILE": "hf-file", "LLAMA_ARG_SPEC_DRAFT_HF_REPO": "spec-draft-hf"}
 
 
 @dataclass
@@ -103,9 +109,11 @@ class Section:
     options: dict[str, tuple[Option, str, Value]] = field(default_factory=dict)  # by option.flag
     router: dict[str, tuple[Any, Value]] = field(default_factory=dict)
     model: Value | None = None
+    hf: dict[str, Value] = field(default_factory=dict)  # by HF_KEYS' names: hf-repo, hf-file, spec-draft-hf
 
     def merged_over(self, base: "Section") -> "Section":
-        return Section({**base.options, **self.options}, {**base.router, **self.router}, self.model or base.model)
+        return Section({**base.options, **self.options}, {**base.router, **self.router}, self.model or base.model,
+                       {**base.hf, **self.hf})
 
 
 @dataclass(frozen=True)
@@ -148,6 +156,11 @@ def _read_section(section: Section, name: str, entries: dict[str, Value], table:
             raise ConfigError(value.where, f"unknown key {key!r} in [{name}]: not an option of this llama-server "
                               f"nor one of the router's ({', '.join(ROUTER_KEYS)})")
         option, negated = found
+        if option.env in HF_KEYS:
+            if name == GLOBAL:
+                raise ConfigError(value.where, f"{key} = ... belongs in a model's own section, not [*]")
+            section.hf[HF_KEYS[option.env]] = value
+            continue
         if option.flag in RESERVED:
             raise ConfigError(value.where, f"{key} is set by the router for each model and cannot be preset")
         section.options[option.flag] = (option, _option_value(option, negated, value, key), value)
@@ -186,7 +199,7 @@ def parse_child_args(args: tuple[str, ...], table: OptionTable) -> Section:
         if found is None:
             raise ConfigError("command line", f"{arg!r} is not an option of this llama-server")
         option, negated = found
-        if option.flag in RESERVED:
+        if option.flag in RESERVED or option.env in HF_KEYS:
             raise ConfigError("command line", f"{arg} is set by the router for each model and cannot be passed to children")
         if option.takes_value:
             if i + 1 >= len(args):

@@ -12,7 +12,7 @@ from typing import Callable
 
 import aiohttp
 
-from . import tls
+from . import hfcache, tls
 from .catalog import build, read_presets
 from .discovery import Discovery
 from .events import Events
@@ -20,7 +20,7 @@ from .errors import RouterError
 from .ini import ConfigError
 from .launchers import create_launcher
 from .memory import Floors
-from .model import ModelState
+from .model import ModelState, Plan
 from .proxy import ChildConnector
 from .policy import Limits
 from .scheduler import QueueLimits, Scheduler
@@ -175,6 +175,25 @@ class Router:
         except ConfigError as exc:
             log.error("config not reloaded, the last good one stays in use: %s", exc)
         self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+
+    async def remove_from_cache(self, model_id: str) -> None:
+        """DELETE /models?model=: stops the model if it runs, deletes its files from the Hugging
+        Face cache; the rescan that follows drops it from the list (a `model_remove` event)."""
+        model = self.scheduler.get(model_id)
+        if model.file.source != "cache":
+            raise RouterError(400, f"model '{model.id}' is not removable: only models from the Hugging Face cache "
+                                   f"are (this one comes from the {model.file.source.replace('_', ' ')})")
+        if model.state is not ModelState.UNLOADED or model.plan is not Plan.NONE:
+            try:
+                self.scheduler.unload(model.id)
+            except RouterError:
+                pass  # already stopping
+        while model.state is not ModelState.UNLOADED:
+            await model.changed()
+        removed = await asyncio.to_thread(hfcache.remove, self.settings.hf_cache, model.id)
+        log.info("model %s: %s from the Hugging Face cache %s", model.id,
+                 "files removed" if removed else "no files left to remove", self.settings.hf_cache)
+        await self.reload(False)
 
     def spawn(self, factory: Callable) -> None:
         task = asyncio.get_running_loop().create_task(factory())

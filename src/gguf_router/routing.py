@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from sanic import Blueprint, Request
 from sanic.response import raw
 
@@ -9,6 +11,7 @@ from .api import add_routes, json_body, model_field, router_props
 from .errors import bad_request
 from .metrics import render as render_metrics
 from .proxy import forward
+from .scheduler import FAKE_TIMING
 
 bp = Blueprint("routing")
 
@@ -57,6 +60,8 @@ async def serve(request: Request, model_id: str):
     router = request.app.ctx.router
     model = await router.scheduler.acquire(model_id, autoload(request))
     try:
+        if FAKE_TIMING:
+            await asyncio.sleep(FAKE_TIMING)
         return await forward(request, router.session, model)
     finally:
         router.scheduler.release(model)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,9 @@ S = ModelState
 RESTART = "restarting with new options"
 TICK = 1.0  # seconds between looks at time to live, each loaded child's memory and liveness
 HEALTH_EVERY = 5.0  # seconds between /health checks of a loaded child (at most)
+# llama.cpp's test hook, honoured as its router does, so its router tests run against this one:
+# 2 s before each model start, and 2 s after a request is counted as serving (see routing.py).
+FAKE_TIMING = 2.0 if os.environ.get("LLAMA_SERVER_DEBUG_FAKE_TIMING") else 0.0
 RETRY_AFTER = 5  # seconds a client told "too many waiting" is asked to wait before trying again
 
 
@@ -412,6 +416,8 @@ class Scheduler:
         spec = self.spec_for(model)
         started = time.monotonic()
         try:
+            if FAKE_TIMING:
+                await asyncio.sleep(FAKE_TIMING)
             child = await self.launcher.start(spec, self._on_progress(model))
         except asyncio.CancelledError:
             self._ended(model, Exit(None, model.stop_reason or "unloaded", failed=False))

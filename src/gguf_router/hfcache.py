@@ -1,0 +1,144 @@
+"""The Hugging Face hub cache that `llama-server -hf` downloads into, read and pruned with
+llama.cpp's rules (common/hf-cache.cpp, common/download.cpp): `models--USER--REPO/`, the
+snapshot `refs/main` names, `USER/REPO:QUANT` for each model file, files found by quant tag.
+The router never downloads; it lists, resolves and removes what is there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+DRAFT_PREFIXES = ("mtp-", "dspark-", "dflash-", "eagle3-")
+SPLIT = re.compile(r"^(.+)-([0-9]{5})-of-([0-9]{5})$", re.IGNORECASE)
+_QUANT = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+DEFAULT_TAGS = ("Q4_K_M", "Q8_0")  # what llama.cpp picks when a repo is named without a quant
+
+
+def is_companion(name: str) -> bool:
+    """mmproj and draft files ride along with a model; they are never models themselves."""
+    return "mmproj" in name or name.startswith(DRAFT_PREFIXES)
+
+
+def split_repo_tag(name: str) -> tuple[str, str]:
+    """`user/repo:Q8_0` -> (`user/repo`, `Q8_0`); no tag -> (`user/repo`, "")."""
+    repo, _, tag = name.partition(":")
+    return repo, tag
+
+
+def repo_folder(root: Path, repo_id: str) -> Path:
+    return root / ("models--" + repo_id.replace("/", "--"))
+
+
+def snapshot(repo: Path) -> Path | None:
+    """The snapshot refs/main points at (else any valid ref), as llama.cpp picks it."""
+    refs = repo / "refs"
+    commits = []
+    try:
+        for ref in sorted(refs.iterdir(), key=lambda r: r.name != "main"):
+            commit = ref.read_text().strip() if ref.is_file() else ""
+            if _COMMIT.match(commit):
+                commits.append(commit)
+    except OSError:
+        return None
+    for commit in commits:
+        folder = repo / "snapshots" / commit
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def _files(snap: Path) -> list[Path]:
+    return sorted(p for p in snap.rglob("*.gguf") if p.is_file())
+
+
+def _tag(path: Path) -> tuple[str, bool]:
+    """The file's quant tag (upper case, "" if none) and whether it is a first (or only) shard."""
+    stem = path.name[: -len(".gguf")]
+    split = SPLIT.match(stem)
+    if split:
+        stem = split.group(1)
+    quant = _QUANT.search(stem)
+    return (quant.group(1).upper() if quant else ""), (split is None or int(split.group(2)) == 1)
+
+
+def _mmproj(files: list[Path]) -> Path | None:
+    return next((p for p in files if "mmproj" in p.name), None)
+
+
+def cached_models(root: Path) -> Iterator[tuple[str, Path, Path | None]]:
+    """(`user/repo:QUANT`, first file, mmproj) for every model in the cache."""
+    try:
+        repos = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError:
+        return
+    for repo in repos:
+        if not repo.name.startswith("models--") or not repo.is_dir():
+            continue
+        repo_id = repo.name[len("models--"):].replace("--", "/")
+        snap = snapshot(Path(repo.path))
+        if snap is None:
+            continue
+        files = _files(snap)
+        seen = set()
+        for p in files:
+            tag, first = _tag(p)
+            if not tag or not first or is_companion(p.name) or tag in seen:
+                continue
+            seen.add(tag)
+            yield f"{repo_id}:{tag}", p, _mmproj(files)
+
+
+def resolve(root: Path, name: str, hf_file: str = "") -> tuple[Path, Path | None] | None:
+    """The file (and mmproj) `-hf name [--hf-file F]` would load from the cache, or None:
+    the named file; else the first model file of the tag (Q4_K_M, then Q8_0, then any when
+    the name has no tag)."""
+    repo_id, tag = split_repo_tag(name)
+    if not _REPO.match(repo_id):
+        return None
+    snap = snapshot(repo_folder(root, repo_id))
+    if snap is None:
+        return None
+    files = _files(snap)
+    if hf_file:
+        found = snap / hf_file
+        return (found, _mmproj(files)) if found in files else None
+    models = [p for p in files if not is_companion(p.name) and _tag(p)[1]]
+    for wanted in [tag] if tag else DEFAULT_TAGS:
+        pattern = re.compile(re.escape(wanted) + "[.-]", re.IGNORECASE)
+        for p in models:
+            if pattern.search(str(p.relative_to(snap))):
+                return p, _mmproj(files)
+    if not tag and models:
+        return models[0], _mmproj(files)
+    return None
+
+
+def remove(root: Path, model_id: str) -> bool:
+    """Deletes a cached model's files (`user/repo:QUANT`: that quant's files and the blobs no
+    other file of the repo still links to; no tag: the whole repo). False if nothing was there."""
+    repo_id, tag = split_repo_tag(model_id)
+    if not _REPO.match(repo_id):
+        return False
+    repo = repo_folder(root, repo_id)
+    if not tag:
+        if not repo.is_dir():
+            return False
+        shutil.rmtree(repo)
+        return True
+    snap = snapshot(repo)
+    if snap is None:
+        return False
+    doomed = [p for p in _files(snap) if _tag(p)[0] == tag.upper()]
+    blobs = {(p.parent / os.readlink(p)).resolve() for p in doomed if p.is_symlink()}
+    for p in doomed:
+        p.unlink(missing_ok=True)
+    kept = {p.resolve() for p in snap.rglob("*") if p.is_symlink()}
+    for blob in blobs - kept:
+        blob.unlink(missing_ok=True)
+    return bool(doomed)

@@ -1,0 +1,88 @@
+"""The Hugging Face cache, read and pruned with llama.cpp's rules, without processes."""
+
+import os
+
+import pytest
+
+from gguf_router import hfcache
+from gguf_router.catalog import build, read_presets
+from gguf_router.discovery import Discovery
+from gguf_router.ini import ConfigError
+from gguf_router.settings import Settings
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cached_repo(root, repo_id: str, *names: str, blobs: bool = False):
+    """A repo as `llama-server -hf` leaves it: refs/main, a snapshot of (symlinks to) blobs."""
+    repo = hfcache.repo_folder(root, repo_id)
+    snap = repo / "snapshots" / COMMIT
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "blobs").mkdir()
+    for name in names:
+        if blobs:
+            blob = repo / "blobs" / f"blob-{name}"
+            blob.write_bytes(b"GGUF")
+            (snap / name).symlink_to(os.path.relpath(blob, snap))
+        else:
+            (snap / name).write_bytes(b"GGUF")
+    return repo, snap
+
+
+def test_a_repo_without_a_quant_resolves_as_llama_cpp_does(tmp_path):
+    _, snap = cached_repo(tmp_path, "u/r", "m-F16.gguf", "m-Q8_0.gguf", "m-Q4_K_M-00001-of-00002.gguf",
+                          "m-Q4_K_M-00002-of-00002.gguf", "mmproj-m-F16.gguf", "mtp-m-Q4_K_M.gguf")
+    mmproj = snap / "mmproj-m-F16.gguf"
+    assert hfcache.resolve(tmp_path, "u/r") == (snap / "m-Q4_K_M-00001-of-00002.gguf", mmproj)  # Q4_K_M first
+    assert hfcache.resolve(tmp_path, "u/r:q8_0") == (snap / "m-Q8_0.gguf", mmproj)  # tags ignore case
+    assert hfcache.resolve(tmp_path, "u/r", "m-F16.gguf") == (snap / "m-F16.gguf", mmproj)
+    assert hfcache.resolve(tmp_path, "u/r:IQ2_XS") is None  # a named quant that is not there
+    assert hfcache.resolve(tmp_path, "u/r", "nope.gguf") is None
+    assert hfcache.resolve(tmp_path, "u/other") is None
+    assert hfcache.resolve(tmp_path, "../../etc") is None  # not a repo id
+    _, only = cached_repo(tmp_path, "u/one", "weights-F32.gguf")
+    assert hfcache.resolve(tmp_path, "u/one") == (only / "weights-F32.gguf", None)  # no tag: the only model
+
+
+def test_removing_a_quant_keeps_the_others_and_their_blobs(tmp_path):
+    repo, snap = cached_repo(tmp_path, "u/r", "m-Q8_0.gguf", "m-F16.gguf", blobs=True)
+    assert hfcache.remove(tmp_path, "u/r:Q8_0")
+    assert sorted(p.name for p in snap.iterdir()) == ["m-F16.gguf"]
+    assert sorted(p.name for p in (repo / "blobs").iterdir()) == ["blob-m-F16.gguf"]
+    assert [model_id for model_id, _, _ in hfcache.cached_models(tmp_path)] == ["u/r:F16"]
+    assert not hfcache.remove(tmp_path, "u/r:Q8_0")  # nothing left to remove
+    assert hfcache.remove(tmp_path, "u/r") and not repo.exists()  # no tag: the whole repo
+
+
+def catalog(tmp_path, llama_server, preset_text: str):
+    cache = tmp_path / "hub"
+    cached_repo(cache, "u/main", "main-Q4_K_M.gguf")
+    cached_repo(cache, "u/draft", "draft-Q8_0.gguf")
+    presets_file = tmp_path / "presets.ini"
+    presets_file.write_text(preset_text)
+    settings = Settings(llama_server=llama_server, hf_cache=cache, models_preset=presets_file, memory_budget="off")
+    presets, cli = read_presets(settings)
+    return build(settings, Discovery(None, cache), presets, cli, tmp_path), cache
+
+
+def test_a_preset_names_cache_files_and_dedup_hides_their_entries(tmp_path, llama_server):
+    text = "[mine]\nhf-repo = u/main\nhfd = u/draft\ndedup-cache-models = on\n"
+    found, cache = catalog(tmp_path, llama_server, text)
+    mine = found.models["mine"]
+    snap = hfcache.repo_folder(cache, "u/main") / "snapshots" / COMMIT
+    assert mine.argv[-2:] == ("--model", str(snap / "main-Q4_K_M.gguf"))
+    draft = hfcache.repo_folder(cache, "u/draft") / "snapshots" / COMMIT / "draft-Q8_0.gguf"
+    assert str(draft) in mine.argv and "--hf-repo" not in mine.argv
+    assert found.models["u/main:Q4_K_M"].hidden and found.models["u/draft:Q8_0"].hidden
+    shown, _ = catalog(tmp_path / "2", llama_server, "[mine]\nhf-repo = u/main\n")
+    assert not shown.models["u/main:Q4_K_M"].hidden  # only with dedup-cache-models
+
+
+def test_a_preset_repo_that_is_not_cached_is_a_config_error_that_says_what_to_do(tmp_path, llama_server):
+    with pytest.raises(ConfigError, match=r"presets.ini:2: hf-repo = u/absent is not in the Hugging Face cache .*"
+                                          r"the router does not download.*llama-server -hf u/absent"):
+        catalog(tmp_path, llama_server, "[x]\nhf-repo = u/absent\n")
+    with pytest.raises(ConfigError, match=r"belongs in a model's own section"):
+        catalog(tmp_path / "2", llama_server, "[*]\nhf-repo = u/main\n")
