@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,6 @@ QUESTION = {"messages": [{"role": "user", "content": "What is the capital of Fra
 
 
 def free_port() -> int:
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -174,19 +174,70 @@ async def cold_starts(routers, session, models, rows):
         bare.append(await t.ready(session))
         t.stop()
     rows.append({"scenario": "cold start", "target": "bare llama-server start-to-ready", "p50_ms": pct(bare, 0.5)})
-    for r in routers:
-        cold, swap = [], []
-        for _ in range(5):
+    cold: dict[str, list[float]] = {r.name: [] for r in routers}
+    swap: dict[str, list[float]] = {r.name: [] for r in routers}
+    for _ in range(9):
+        for r in routers:  # interleaved, round by round, so drift hits both alike
             for m in ("tiny-a", "tiny-b", "tiny-c"):
                 async with session.post(r.url + "/models/unload", json={"model": m}) as resp:
                     await resp.read()
             await asyncio.sleep(0.3)
-            cold.append(await post(session, r.url + "/v1/chat/completions", {**chat, "model": "tiny-b"}))
+            cold[r.name].append(await post(session, r.url + "/v1/chat/completions", {**chat, "model": "tiny-b"}))
             await post(session, r.url + "/v1/chat/completions", {**chat, "model": "tiny-a"})
-            swap.append(await post(session, r.url + "/v1/chat/completions", {**chat, "model": "tiny-c"}))
-        rows.append({"scenario": "cold start", "target": r.name, "p50_ms": pct(cold, 0.5),
-                     "over_bare_ms": pct(cold, 0.5) - pct(bare, 0.5)})
-        rows.append({"scenario": "swap at the limit", "target": r.name, "p50_ms": pct(swap, 0.5)})
+            swap[r.name].append(await post(session, r.url + "/v1/chat/completions", {**chat, "model": "tiny-c"}))
+    for r in routers:
+        rows.append({"scenario": "cold start", "target": r.name, "p50_ms": pct(cold[r.name], 0.5),
+                     "over_bare_ms": pct(cold[r.name], 0.5) - pct(bare, 0.5)})
+        rows.append({"scenario": "swap at the limit", "target": r.name, "p50_ms": pct(swap[r.name], 0.5)})
+
+
+# What a first request under socket activation is measured against: Sanic alone, answering the
+# same request from the same socket the same way, with nothing of ours imported.
+MINIMAL_SANIC = """
+import socket
+from sanic import Sanic
+from sanic.response import json
+app = Sanic("minimal")
+@app.get("/health")
+async def health(request):
+    return json({"status": "ok"})
+app.prepare(sock=socket.socket(fileno=3), single_process=True, access_log=False, motd=False)
+Sanic.serve_single(app)
+"""
+
+
+def first_request(argv: list[str]) -> float:
+    """Seconds from the first connection to its answer, with `argv` started by that connection
+    (systemd-socket-activate execs it on the first connection, as systemd does)."""
+    port = free_port()
+    proc = subprocess.Popen(["systemd-socket-activate", "-l", f"127.0.0.1:{port}", *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while "Listening on" not in proc.stderr.readline():
+            pass
+        started = time.perf_counter()
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+            return time.perf_counter() - started
+    finally:
+        proc.kill()  # nothing was loaded; only the time to the first answer counts
+        proc.wait(20)
+
+
+def startup(models: Path, rows) -> None:
+    """The first request under socket activation: gguf-router against a minimal Sanic app."""
+    empty = models.parent / "empty.conf"
+    empty.touch()
+    router = [sys.executable, "-m", "gguf_router", "--config", str(empty), "--models-dir", str(models),
+              "--llama-server", str(LLAMA), "--log-level", "warning", "--state-dir", str(models.parent / "state")]
+    minimal = [sys.executable, "-c", MINIMAL_SANIC]
+    times: dict[str, list[float]] = {"minimal Sanic app": [], "gguf-router": []}
+    for _ in range(9):  # interleaved, so drift hits both alike
+        times["minimal Sanic app"].append(first_request(minimal))
+        times["gguf-router"].append(first_request(router))
+    for name, values in times.items():
+        rows.append({"scenario": "first request, socket activation", "target": name, "p50_ms": pct(values, 0.5)})
 
 
 async def discovery(session, tiny: Path, rows):
@@ -290,10 +341,10 @@ def table(rows) -> str:
     by = {}
     for r in rows:
         by.setdefault(r["scenario"], {})[r["target"]] = r
-    lines = [f"{'scenario':34} {'target':34} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'vs direct':>10} {'vs llama.cpp':>12}"]
+    lines = [f"{'scenario':34} {'target':34} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'vs direct':>10} {'x reference':>12}"]
     for scenario, targets in by.items():
         base = targets.get("direct", {}).get("p50_ms")
-        ref = targets.get("llama.cpp router", {}).get("p50_ms")
+        ref = (targets.get("llama.cpp router") or targets.get("minimal Sanic app") or {}).get("p50_ms")
         for name, r in targets.items():
             p50 = r.get("p50_ms")
             lines.append(
@@ -330,25 +381,28 @@ async def main() -> None:
     rows, rss, memory_rows = [], {}, []
     # Under llama-server's 5 s keep-alive (cpp-httplib): a connection idle longer is closed under us.
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
-    # `scripts/dev bench discovery`, `... memory` or `... admission`: that part alone
-    only = sys.argv[1] if sys.argv[1:] in (["discovery"], ["memory"], ["admission"]) else None
+    # `scripts/dev bench discovery`, `... memory`, `... admission` or `... startup`: that part alone
+    only = sys.argv[1] if sys.argv[1:] in (["discovery"], ["memory"], ["admission"], ["startup"]) else None
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         if only in (None, "memory"):
             print("memory ...", file=sys.stderr)
             memory_rows = await memory(session)
-        targets = [] if only else [direct(models), llamacpp_router(models), gguf_router(models)]
+        # The routers alone for `startup` (their cold starts; the first request comes below).
+        targets = {None: lambda: [direct(models), llamacpp_router(models), gguf_router(models)],
+                   "startup": lambda: [llamacpp_router(models), gguf_router(models)]}.get(only, list)()
         try:
-            if targets:
-                for t in targets:
-                    await t.ready(session)
-                    rss[t.name + " idle"] = t.rss_mb()
-                    await post(session, t.url + "/tokenize", {"model": "tiny-a", "content": "warm"})
+            for t in targets:
+                await t.ready(session)
+                rss[t.name + " idle"] = t.rss_mb()
+                await post(session, t.url + "/tokenize", {"model": "tiny-a", "content": "warm"})
+            if only is None:
                 print("small requests ...", file=sys.stderr)
                 await small_requests(targets, session, rows)
                 print("streams ...", file=sys.stderr)
                 await streams(targets, session, rows, rss)
+            if targets:
                 print("cold starts ...", file=sys.stderr)
-                await cold_starts(targets[1:], session, models, rows)
+                await cold_starts(targets[-2:], session, models, rows)
         finally:
             for t in targets:
                 t.stop()
@@ -357,6 +411,9 @@ async def main() -> None:
             await discovery(session, models / "tiny-a.gguf", rows)
     if only in (None, "admission"):
         admission(models, rows)
+    if only in (None, "startup"):
+        print("first request under socket activation ...", file=sys.stderr)
+        startup(models, rows)
     shutil.rmtree(work)
     for name, mb in rss.items():
         rows.append({"scenario": "RSS MB (router process)", "target": name, "p50_ms": mb})

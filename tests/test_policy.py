@@ -13,6 +13,7 @@ from gguf_router.crashes import LIMIT
 from gguf_router.discovery import ModelFile
 from gguf_router.errors import RouterError
 from gguf_router.ggufinfo import GGUFInfo
+from gguf_router.launchers import LaunchSpec
 from gguf_router.memory import MiB, estimate
 from gguf_router.policy import Limits, Running, Waiting, admit, expired, never_fits
 from gguf_router.scheduler import QueueLimits, Scheduler
@@ -106,7 +107,7 @@ def test_one_decision_over_ten_thousand_listed_models_looks_only_at_the_running_
 
 class FakeChild:
     def __init__(self, spec):
-        self.socket, self.pid, self.info = spec.socket, 1000, {}
+        self.socket, self.pid, self.info, self.unit = spec.socket, 1000, {}, None
         self.oom, self.peak = None, None
         self.exit: asyncio.Future = asyncio.get_running_loop().create_future()
 
@@ -156,7 +157,9 @@ def config(model_id: str, size_mib: int = 100, pinned=False, ttl=0.0) -> ModelCo
     info = GGUFInfo("llama", None, 4096, 1, None, size_mib * MiB, 1,
                     {"block_count": 1, "embedding_length": 64, "attention.head_count": 1}, 100, size_mib * MiB)
     file = ModelFile(model_id, Path(f"/models/{model_id}.gguf"), "models_dir", info=info)
-    return ModelConfig(file, ("llama-server", model_id), memory=estimate(info, {"c": "256"}), pinned=pinned, ttl=ttl)
+    launch = LaunchSpec(model_id=model_id, argv=("llama-server", model_id), socket=Path(f"/run/{model_id}.sock"),
+                        stop_timeout=10.0)
+    return ModelConfig(file=file, launch=launch, memory=estimate(info, {"c": "256"}), pinned=pinned, ttl=ttl)
 
 
 async def settle():
@@ -170,7 +173,7 @@ def launcher():
 
 
 def scheduler(launcher, *configs, models_max=0, budget=None, queue=None) -> Scheduler:
-    s = Scheduler(launcher, Path("/nonexistent"), Limits(models_max, budget), queue=queue)
+    s = Scheduler(launcher, Limits(models_max, budget), queue=queue)
     s.set_catalog({c.id: c for c in configs})
     return s
 

@@ -37,7 +37,9 @@ def test_socket_activation_readiness_status_watchdog_and_stopping(llama_server, 
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
             assert http.get("/health").json() == {"status": "ok"}  # this connection started the router
             notify.wait_for(lambda m: m == "READY=1")
-            assert notify.wait_for(lambda m: m.startswith("STATUS=")) == "STATUS=0/4 models loaded"
+            # ready as soon as it serves; the models are read right after
+            assert notify.wait_for(lambda m: m.startswith("STATUS=")) == "STATUS=reading the models"
+            notify.wait_for(lambda m: m == "STATUS=0/4 models loaded")
             assert http.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
             notify.wait_for(lambda m: m == "STATUS=1/4 models loaded: tiny-a (idle)")
             notify.wait_for(lambda m: m == "WATCHDOG=1")

@@ -45,7 +45,7 @@ def check_key(request: Request):
     # The page itself holds nothing secret; what it fetches from the API asks for the key.
     if request.path in PUBLIC_PATHS or request.path.startswith("/ui/") or request.method == "OPTIONS":
         return None
-    admin, keys = router.admin_keys, router.api_keys
+    admin, keys = router.config.admin_keys, router.config.api_keys
     if _managing(request):
         needed = admin or keys
         if needed and not _matches(_given_key(request), needed):

@@ -1,4 +1,5 @@
-"""The router's own endpoints, in llama.cpp router mode's shapes: health, props, model management."""
+"""The router's own endpoints, in llama.cpp router mode's shapes: health, props, metrics, the model
+list and its management, live events. /props and /metrics with ?model= are that model's own."""
 
 from __future__ import annotations
 
@@ -7,43 +8,18 @@ import json
 import time
 
 from sanic import Blueprint, Request
-from sanic.response import JSONResponse, json as json_response
+from sanic.response import JSONResponse, json as json_response, raw
 
 from . import __version__
-from .errors import RouterError, bad_request
+from .errors import RouterError
 from .ini import ConfigError
 from .llama_options import build_info
+from .metrics import render as render_metrics
 from .model import HOLDS_SLOT, Model, ModelState, Plan
+from .parse import add_routes, json_body, model_field, query_model
+from .routing import serve
 
 bp = Blueprint("api")
-
-
-def add_routes(blueprint: Blueprint, handler, method: str, *paths: str) -> None:
-    """One handler on several paths; Sanic wants a distinct name for each route."""
-    for path in paths:
-        name = f"{method.lower()}{path}".replace("/", "_").replace("-", "_").replace("<", "").replace(">", "").replace(":", "_")
-        blueprint.add_route(handler, path, methods=[method], name=name)
-
-
-def json_body(request: Request) -> dict:
-    try:
-        body = json.loads(request.body or b"{}")
-    except ValueError as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise bad_request("the request body's JSON is nested too deeply") from None
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
-    return body
-
-
-def model_field(body: dict) -> str:
-    name = body.get("model")
-    if name is None or name == "":
-        raise bad_request("model name is missing from the request")
-    if not isinstance(name, str):
-        raise bad_request("model must be a string")
-    return name
 
 
 def memory_status(model: Model, floor: int) -> dict:
@@ -84,7 +60,7 @@ def model_entry(model: Model, scheduler) -> dict:
     status.update(memory_status(model, scheduler.memory_floor(model)))
     if model.state in HOLDS_SLOT:
         status["memory_counted_bytes"] = scheduler.counted(model)  # what the budget counts it at
-    if model.child is not None and getattr(model.child, "unit", None):
+    if model.child is not None and model.child.unit:
         status["unit"] = model.child.unit
     try:
         created = int(file.path.stat().st_mtime)
@@ -152,17 +128,13 @@ async def model_events(request: Request):
 async def model_logs(request: Request) -> JSONResponse:
     """A model's recent llama-server log: from the router's memory for a child process, from the
     journal for a unit; `total` counts every line so far, so `gguf-router logs -f` prints only new ones."""
-    router = request.app.ctx.router
-    model = router.scheduler.get(model_field({"model": request.args.get("model")}))
-    child = model.child
-    unit = getattr(child, "unit", None)
-    if unit:
-        launcher = router.scheduler.launcher
-        lines = list(await launcher.journal_tail(unit))
-        return json_response({"model": model.id, "unit": unit, "journal_match": launcher.journal_match(unit),
-                              "lines": lines, "total": None})
-    if child is not None:
-        return json_response({"model": model.id, "lines": list(child.history), "total": child.logged})
+    model = request.app.ctx.router.scheduler.get(query_model(request))
+    if model.child is not None:
+        log = await model.child.recent_log()
+        reply = {"model": model.id, "lines": list(log.lines), "total": log.total}
+        if model.child.unit:
+            reply.update(unit=model.child.unit, journal_match=log.journal_match)
+        return json_response(reply)
     lines = list(model.last_exit.log_tail) if model.last_exit else []
     return json_response({"model": model.id, "lines": lines, "total": len(lines)})
 
@@ -181,28 +153,18 @@ async def reload_models(request: Request) -> JSONResponse:
 
 async def load_model(request: Request) -> JSONResponse:
     scheduler = request.app.ctx.router.scheduler
-    model_id = model_field(json_body(request))
-    try:
-        model = scheduler.get(model_id)
-    except RouterError:
-        raise RouterError(404, f"model '{model_id}' not found") from None
-    scheduler.load(model.id)
+    scheduler.load(model_field(json_body(request)))
     return json_response({"success": True})
 
 
 async def unload_model(request: Request) -> JSONResponse:
     scheduler = request.app.ctx.router.scheduler
-    model_id = model_field(json_body(request))
-    try:
-        model = scheduler.get(model_id)
-    except RouterError:
-        raise RouterError(400, "model is not found") from None
-    scheduler.unload(model.id)
+    scheduler.unload(model_field(json_body(request)))
     return json_response({"success": True})
 
 
 async def remove_model(request: Request) -> JSONResponse:
-    await request.app.ctx.router.remove_from_cache(model_field({"model": request.args.get("model")}))
+    await request.app.ctx.router.remove_from_cache(query_model(request))
     return json_response({"success": True})
 
 
@@ -212,7 +174,10 @@ async def download_model(request: Request) -> JSONResponse:
                            "into the models dir; either is listed within seconds")
 
 
-def router_props(request: Request) -> JSONResponse:
+async def props(request: Request):
+    """The router's own /props, or with ?model= that model's."""
+    if request.args.get("model"):
+        return await serve(request, query_model(request))
     router = request.app.ctx.router
     settings = router.settings
     return json_response({
@@ -233,7 +198,17 @@ def router_props(request: Request) -> JSONResponse:
     })
 
 
+async def metrics(request: Request):
+    """The router's figures and every loaded child's (Prometheus text), or with ?model= that model's own."""
+    if request.args.get("model"):
+        return await serve(request, query_model(request))
+    text = await render_metrics(request.app.ctx.router, request.app.ctx.request_counts)
+    return raw(text, content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
 add_routes(bp, health, "GET", "/health", "/v1/health")
+add_routes(bp, props, "GET", "/props")
+add_routes(bp, metrics, "GET", "/metrics")
 add_routes(bp, list_models, "GET", "/models", "/v1/models")
 add_routes(bp, load_model, "POST", "/models/load")
 add_routes(bp, unload_model, "POST", "/models/unload")

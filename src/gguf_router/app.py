@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import signal
@@ -15,11 +16,12 @@ from sanic.exceptions import PayloadTooLarge, RequestTimeout, SanicException
 from sanic.handlers import ErrorHandler
 from sanic.http import Stage
 from sanic.server.protocols.http_protocol import HttpProtocol
-from sanic.response import json as json_response
+from sanic.response import file, json as json_response
 
 from . import api, routing
-from .access import check_key, cors_headers, cors_preflight
+from .access import PUBLIC_PATHS, check_key, cors_headers, cors_preflight
 from .errors import RouterError
+from .metrics import count_request
 from .sizes import parse_size, size_text
 from .router import Router
 from .settings import Settings
@@ -116,13 +118,23 @@ class GuardedProtocol(HttpProtocol):
         super().check_timeouts()
 
 
-def count_request(request: Request, response) -> None:
-    """Requests answered, by model, endpoint and status, for /metrics."""
-    route = request.route.path if request.route else "unmatched"
-    named = getattr(request.ctx, "model_id", "")
-    # Only ids of models that exist become labels: a client's made-up names all count as "unknown".
-    model = request.app.ctx.router.scheduler.canonical(named) or ("unknown" if named else "")
-    request.app.ctx.router.request_counts[(model, "/" + route.lstrip("/"), response.status)] += 1
+async def wait_for_models(request: Request) -> None:
+    """Until the router has read its models (right after it starts serving), a request that
+    needs them waits; /health and the page do not."""
+    started = request.app.ctx.router.started
+    if not started.is_set() and request.path not in PUBLIC_PATHS and not request.path.startswith("/ui/"):
+        await started.wait()
+
+
+PAGE_FILES = {path.name: path for path in WEB.iterdir() if path.is_file()}
+
+
+async def page(request: Request, name: str = "index.html"):
+    """The web page's files, by name: nothing else under /ui/ exists."""
+    path = PAGE_FILES.get(name)
+    if path is None:
+        raise RouterError(404, f"no page file {name!r}")
+    return await file(path, headers={"Cache-Control": "no-cache"})
 
 
 def create_app(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> Sanic:
@@ -137,26 +149,31 @@ def create_app(settings: Settings, reload_settings: Callable[[], Settings] | Non
     app.config.MAX_CONNECTIONS = settings.max_connections
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.drain_timeout
     app.ctx.router = Router(settings, reload_settings)
+    app.ctx.request_counts = collections.Counter()  # (model, endpoint, status) -> answered, for /metrics
     app.on_request(cors_preflight)
     app.on_request(check_key)
+    app.on_request(wait_for_models)
     app.on_response(count_request)
     app.on_response(cors_headers)
     app.blueprint(api.bp)
     app.blueprint(routing.bp)
-    app.static("/", WEB / "index.html", name="page")
-    app.static("/ui", WEB, name="page_files")
+    # Two routes of ours rather than app.static: Sanic reads a static handler's source to guess its
+    # error format, 20 ms of start-up; the page is three known files anyway.
+    app.add_route(page, "/", name="page", error_format="json")
+    app.add_route(page, "/ui/<name:str>", name="page_files", error_format="json")
 
-    @app.before_server_start
-    async def start(app: Sanic) -> None:
-        await app.ctx.router.start()
-
+    # Serving starts before the models are read: /health answers at once, and requests that need
+    # the model list wait for it (wait_for_models), a few milliseconds more.
     @app.after_server_start
     async def started(app: Sanic) -> None:
         router = app.ctx.router
-        router.notifier.notify("READY=1", f"STATUS={router.status_line()}")
+        if router.begun:
+            return  # Sanic calls this once per listening socket
+        router.notifier.notify("READY=1", "STATUS=reading the models")
         # The router's own tasks, not Sanic's (app.add_task): at shutdown Sanic waits for the tasks
         # it registered with the loop already stopped, spinning for ever when one is still pending.
-        router.spawn(router.report)
+        router.begin()
+        router.spawn(lambda: router.notifier.report(router.status_line))
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, lambda: router.spawn(router.reload_on_signal))
 
     # Stopping, in Sanic's order: before_server_stop; the listening sockets closed (with socket

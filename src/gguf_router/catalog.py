@@ -14,6 +14,7 @@ from pathlib import Path
 from . import hfcache
 from .discovery import Discovery, ModelFile
 from .ini import ConfigError
+from .launchers import LaunchSpec
 from .llama_options import has_gpu, options_of
 from .memory import MiB, MemoryEstimate, estimate, shard_bytes
 from .sizes import size_text
@@ -26,14 +27,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ModelConfig:
     file: ModelFile
-    argv: tuple[str, ...]
+    launch: LaunchSpec  # how its llama-server starts: command line, socket, environment, unit limits
     aliases: tuple[str, ...] = ()
     load_on_startup: bool = False
-    stop_timeout: float = 10.0
     preset_text: str = ""
-    environment: tuple[str, ...] = ()
-    limits: tuple[tuple[str, str], ...] = ()  # systemd properties for the model's unit, from its preset
-    devices: tuple[str, ...] = ()  # device nodes the model's unit may use
     memory: MemoryEstimate | None = None  # None for a file whose header could not be read
     pinned: bool = False  # never stopped to make room for another model
     ttl: float = 0.0  # seconds idle before it is stopped; 0 = never
@@ -43,6 +40,10 @@ class ModelConfig:
     @property
     def id(self) -> str:
         return self.file.id
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return self.launch.argv
 
 
 @dataclass(frozen=True)
@@ -138,20 +139,25 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
             option, _ = table.lookup("LLAMA_ARG_SPEC_DRAFT_MODEL")
             effective.options.setdefault(option.flag, (option, str(draft), section.hf["spec-draft-hf"]))
         memory, added = _memory(file, effective, gpu, cache_ram)
+        socket = socket_path(runtime_dir, model_id)
         argv = [str(settings.llama_server), *to_argv(effective),
                 # --metrics: the router's /metrics includes each loaded child's own figures.
-                "--host", str(socket_path(runtime_dir, model_id)), "--alias", model_id, "--metrics", *added,
-                "--model", str(file.path)]
+                "--host", str(socket), "--alias", model_id, "--metrics", *added, "--model", str(file.path)]
         if file.mmproj and "--mmproj" not in effective.options:
             argv += ["--mmproj", str(file.mmproj)]
         router = {key: parsed for key, (parsed, _) in effective.router.items()}
-        limits = tuple((prop, router[key]) for key, prop in UNIT_LIMITS.items() if key in router)
+        launch = LaunchSpec(
+            model_id=model_id, argv=tuple(argv), socket=socket,
+            stop_timeout=router.get("stop-timeout", settings.stop_timeout),
+            environment=router.get("environment", ()),
+            limits={prop: router[key] for key, prop in UNIT_LIMITS.items() if key in router},
+            devices=router.get("devices", ()))
         models[model_id] = ModelConfig(
-            file, tuple(argv), router.get("alias", ()), router.get("load-on-startup", False),
-            router.get("stop-timeout", settings.stop_timeout), _preset_text(model_id, file, effective),
-            router.get("environment", ()), limits, router.get("devices", ()), memory,
-            router.get("pin", False), router.get("ttl", settings.models_ttl),
-            router.get("health-timeout", settings.health_timeout))
+            file=file, launch=launch, aliases=router.get("alias", ()),
+            load_on_startup=router.get("load-on-startup", False),
+            preset_text=_preset_text(model_id, file, effective), memory=memory,
+            pinned=router.get("pin", False), ttl=router.get("ttl", settings.models_ttl),
+            health_timeout=router.get("health-timeout", settings.health_timeout))
     _check_aliases(models, presets, warnings)
     _check_pinned(models, presets, settings.budget_bytes())
     _hide_deduplicated(models, presets, hf_paths)

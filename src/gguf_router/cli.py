@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import __version__
 from .ini import ConfigError
-from .llama_options import LlamaServerError
+from .llama_options import LlamaServerError, ask_early
 from .settings import Settings, load_settings
 
 USAGE = """\
@@ -185,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
              "--llama-server PATH or GGUF_ROUTER_LLAMA_SERVER")
     if settings.models_dir is not None and not settings.models_dir.is_dir():
         fail(f"--models-dir {settings.models_dir} is not a folder")
+    ask_early(settings.llama_server)
 
     from sanic import Sanic
 

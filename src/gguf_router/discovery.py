@@ -52,6 +52,9 @@ class Discovery:
         self._reported: set[tuple[Path, str]] = set()
         self._listed: set[Path] = set()
         self.settle = 0.0  # seconds a new file must stay unchanged; 0 for the first scan
+        # Files last changed before this time (when the router began serving) were there at start:
+        # even the first scan lists them at once, and only later files settle.
+        self.known_before = 0.0
         self.next_check: float | None = None  # seconds until a settling file is due, after a scan
         # Headers a scan may read before it lists the rest by stat alone (None: no limit), so a
         # router with thousands of files serves at once; `unread` says a later scan must finish.
@@ -81,7 +84,7 @@ class Discovery:
             st = path.stat()
             stamp = (st.st_size, st.st_mtime_ns)
             age = time.time() - st.st_mtime
-            if self.settle and path not in self._listed and age < self.settle:
+            if self.settle and path not in self._listed and st.st_mtime > self.known_before and age < self.settle:
                 wait = self.settle - max(age, 0.0)
                 self.next_check = min(self.next_check or wait, wait)
                 return None

@@ -7,11 +7,29 @@ this walks the header with the gguf package's own type constants and skips every
 
 from __future__ import annotations
 
+import importlib.util
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType, LlamaFileType
+
+def _gguf_constants():
+    """The gguf package's constants module (the format's type tables) alone: the package itself
+    imports numpy for a reader and writer the router never uses, a fifth of a second at start-up."""
+    package = importlib.util.find_spec("gguf")
+    spec = importlib.util.spec_from_file_location("gguf_router._gguf_constants",
+                                                  Path(package.submodule_search_locations[0]) / "constants.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_constants = _gguf_constants()
+GGML_QUANT_SIZES = _constants.GGML_QUANT_SIZES
+GGUF_MAGIC = _constants.GGUF_MAGIC
+GGMLQuantizationType = _constants.GGMLQuantizationType
+GGUFValueType = _constants.GGUFValueType
+LlamaFileType = _constants.LlamaFileType
 
 _SCALAR = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",

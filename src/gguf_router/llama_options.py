@@ -92,13 +92,39 @@ class LlamaServerError(Exception):
     pass
 
 
+_asked: dict[tuple[str, str], subprocess.Popen] = {}  # questions put to a llama-server, not read yet
+
+
+def ask_early(llama_server: Path) -> None:
+    """Starts `--help` and `--list-devices` now; their answers are read when first needed, so the
+    two process starts overlap the router's imports instead of adding to its start-up."""
+    for question in ("--help", "--list-devices"):
+        try:
+            _asked[(str(llama_server), question)] = subprocess.Popen(
+                [str(llama_server), question], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        except OSError:
+            return  # asked again, and reported, where the answer is needed
+
+
+def _answer(path: str, question: str) -> str:
+    """llama-server's output for `question` (both streams); raises OSError, TimeoutExpired."""
+    proc = _asked.pop((path, question), None) or subprocess.Popen(
+        [path, question], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        return proc.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+
+
 @functools.lru_cache(maxsize=4)
 def _table(path: str, mtime_ns: int) -> OptionTable:
     try:
-        out = subprocess.run([path, "--help"], capture_output=True, text=True, timeout=30)
+        text = _answer(path, "--help")
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise LlamaServerError(f"cannot run {path} --help: {exc}") from None
-    table = parse_help(out.stdout + out.stderr)
+    table = parse_help(text)
     if table.lookup("ctx-size") is None:
         raise LlamaServerError(f"{path} --help does not list llama-server's options (is it llama-server?)")
     return table
@@ -115,10 +141,10 @@ def options_of(llama_server: Path) -> OptionTable:
 @functools.lru_cache(maxsize=4)
 def _gpus(path: str, mtime_ns: int) -> tuple[str, ...]:
     try:
-        out = subprocess.run([path, "--list-devices"], capture_output=True, text=True, timeout=30)
+        text = _answer(path, "--list-devices")
     except (OSError, subprocess.TimeoutExpired):
         return ()
-    _, _, listed = (out.stdout + out.stderr).partition("Available devices:")
+    _, _, listed = text.partition("Available devices:")
     return tuple(line.strip() for line in listed.splitlines() if line.strip() and line.strip() != "(none)")
 
 

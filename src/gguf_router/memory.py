@@ -28,9 +28,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from .ggufinfo import GGUFInfo
+from .ggufinfo import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFInfo
 from .launchers import argv_digest
 from .sizes import size_text
 

@@ -11,13 +11,18 @@ import asyncio
 import re
 from collections import defaultdict
 
-import aiohttp
-import psutil
-
 from .model import ModelState
-from .proxy import child_url
 
 CHILD_TIMEOUT = 2.0
+
+
+def count_request(request, response) -> None:
+    """Requests answered, by model, endpoint and status (a response hook)."""
+    route = request.route.path if request.route else "unmatched"
+    named = getattr(request.ctx, "model_id", "")
+    # Only ids of models that exist become labels: a client's made-up names all count as "unknown".
+    model = request.app.ctx.router.scheduler.canonical(named) or ("unknown" if named else "")
+    request.app.ctx.request_counts[(model, "/" + route.lstrip("/"), response.status)] += 1
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(.*)$")
 
 
@@ -83,6 +88,8 @@ def router_families(router, request_counts: dict) -> list[Family]:
     requests = Family("gguf_router_requests_total", "counter", "requests answered, by model, endpoint and status")
     for (model_id, endpoint, status), count in sorted(request_counts.items()):
         requests.add(count, model=model_id, endpoint=endpoint, code=status)
+    import psutil  # imported with the first scrape, not before the router serves
+
     process = psutil.Process()
     with process.oneshot():
         cpu = process.cpu_times()
@@ -137,9 +144,12 @@ async def render(router, request_counts: dict) -> str:
     parts = [family.text() for family in router_families(router, request_counts)]
     loaded = [m for m in router.scheduler.models.values() if m.state is ModelState.LOADED]
 
+    import aiohttp  # imported when first needed, not before the router serves
+
     async def scrape(model):
         try:
-            async with router.session.get(child_url(model, "/metrics", ""), timeout=aiohttp.ClientTimeout(total=CHILD_TIMEOUT)) as reply:
+            url = router.session.connector.url(model, "/metrics")
+            async with router.session.get(url, timeout=aiohttp.ClientTimeout(total=CHILD_TIMEOUT)) as reply:
                 return model.id, (await reply.text()) if reply.status == 200 else ""
         except Exception:  # a slow or dying child is left out of this scrape, not the whole scrape
             return model.id, ""

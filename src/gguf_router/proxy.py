@@ -1,7 +1,7 @@
 """Forwards a request to a model's child over its unix socket, and streams the answer back.
 
 One aiohttp session serves every child: `ChildConnector` turns the URL's host, which names the
-child (socket stem and launch generation), into a unix socket connection, so each child gets
+child (socket stem and launch generation), into a connection to the socket its launch spec names, so each child gets
 its own keep-alive pool and a restarted child never inherits its predecessor's dead connections.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from pathlib import Path
 
 import aiohttp
 from aiohttp.client_exceptions import UnixClientConnectorError
@@ -35,24 +34,31 @@ _DROP_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "co
 CHILD_KEEPALIVE = 4.0
 
 
+def child_session() -> aiohttp.ClientSession:
+    # No total timeout: a generation may stream for as long as the client reads it.
+    return aiohttp.ClientSession(connector=ChildConnector(), auto_decompress=False,
+                                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
+
+
 class ChildConnector(aiohttp.BaseConnector):
-    def __init__(self, runtime_dir: Path):
+    def __init__(self) -> None:
         super().__init__(limit=0, keepalive_timeout=CHILD_KEEPALIVE)
-        self.runtime_dir = runtime_dir
+        self._sockets: dict[str, str] = {}  # socket stem -> the socket its launch spec names
+
+    def url(self, model: Model, path: str, query: str = "") -> str:
+        """The URL of `path` on the model's running child, for a session over this connector."""
+        socket = model.child.socket
+        self._sockets[socket.stem] = str(socket)
+        return f"http://{socket.stem}.{model.generation}{path}" + (f"?{query}" if query else "")
 
     async def _create_connection(self, req, traces, timeout):
-        # Same as aiohttp's UnixConnector, with the path taken from the request's host.
-        path = str(self.runtime_dir / f"{req.host.split('.', 1)[0]}.sock")
+        # Same as aiohttp's UnixConnector, with the path looked up by the request's host.
+        path = self._sockets[req.host.split(".", 1)[0]]
         try:
             _, proto = await self._loop.create_unix_connection(self._factory, path)
         except OSError as exc:
             raise UnixClientConnectorError(path, req.connection_key, exc) from exc
         return proto
-
-
-def child_url(model: Model, path: str, query: str) -> str:
-    host = f"{model.child.socket.stem}.{model.generation}"
-    return f"http://{host}{path}" + (f"?{query}" if query else "")
 
 
 def _stream_error(model: Model, exc: BaseException) -> bytes:
@@ -72,7 +78,7 @@ def _refused_by_child(model: Model, body: bytes) -> RouterError:
 
 async def forward(request: Request, session: aiohttp.ClientSession, model: Model) -> HTTPResponse | None:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
-    url = child_url(model, request.path, request.query_string)
+    url = session.connector.url(model, request.path, request.query_string)
     try:
         try:
             upstream = await session.request(request.method, url, data=request.body or None, headers=headers)

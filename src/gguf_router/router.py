@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
-
-import aiohttp
+from typing import TYPE_CHECKING, Callable
 
 from . import hfcache, tls
-from .catalog import build, read_presets
+from .catalog import build
+from .config import load_config
 from .discovery import Discovery
 from .events import Events
 from .errors import RouterError
@@ -21,17 +19,20 @@ from .ini import ConfigError
 from .launchers import create_launcher
 from .memory import Floors
 from .model import ModelState, Plan
-from .proxy import ChildConnector
 from .policy import Limits
 from .scheduler import QueueLimits, Scheduler
 from .settings import Settings
 from .systemd import Notifier
 from .watcher import Watcher
 
+if TYPE_CHECKING:
+    import aiohttp
+
 log = logging.getLogger(__name__)
 
 DEBOUNCE = 0.25  # seconds: a copy or an editor's save is a burst of events, worth one rescan
 SETTLE = 1.0  # seconds a new GGUF must stay unchanged before it is offered
+WATCH_AFTER = 0.5  # seconds after serving begins that the file watcher starts
 STARTUP_HEADERS = 500  # headers read before serving (about 0.1 s); the rest right after
 
 
@@ -46,21 +47,16 @@ def queue_limits(settings: Settings) -> QueueLimits:
 class Router:
     def __init__(self, settings: Settings, reload_settings: Callable[[], Settings] | None = None):
         """Raises ConfigError for a bad presets file or child option, before anything starts."""
-        self.settings = settings
+        self.config = load_config(settings)
         self._reload_settings = reload_settings or (lambda: settings)
-        self.presets, self.cli = read_presets(settings)
-        self.api_keys = settings.all_api_keys()
-        self.admin_keys = settings.all_admin_keys()
         self.tls = tls.server_context(settings)
         self.runtime_dir = settings.runtime_dir or Path(tempfile.mkdtemp(prefix="gguf-router-"))
         self.discovery = Discovery(settings.models_dir, settings.hf_cache)
         self.events = Events()
-        self.scheduler = Scheduler(create_launcher(settings.launcher, self.runtime_dir), self.runtime_dir,
+        self.scheduler = Scheduler(create_launcher(settings.launcher, self.runtime_dir),
                                    scheduling_limits(settings), self.events,
                                    Floors(settings.state_dir / "memory-floors.json"), queue_limits(settings))
-        # (model, endpoint, status) -> requests answered, for /metrics
-        self.request_counts: collections.Counter = collections.Counter()
-        self.session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None
         self.notifier = Notifier()
         self.watcher = Watcher(lambda: self.poke(False), lambda: self.poke(True))
         self.config_error: str | None = None  # why the last reload was refused
@@ -70,6 +66,12 @@ class Router:
         self._warned: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
         self._stopped = False
+        self.begun = False  # serving has begun (begin was called)
+        self.started = asyncio.Event()  # the models have been read, once, at start
+
+    @property
+    def settings(self) -> Settings:
+        return self.config.settings
 
     def status_line(self) -> str:
         """What `systemctl status` shows, e.g. "2/4 models loaded: qwen (serving), llama3 (idle)"."""
@@ -82,16 +84,6 @@ class Router:
             parts.append(f"{m.id} ({what})")
         line = f"{loaded}/{limit} models loaded" + (": " + ", ".join(parts) if parts else "")
         return f"{line}; config not reloaded: {self.config_error}" if self.config_error else line
-
-    async def report(self) -> None:
-        """Keeps systemd's STATUS= current and pets its watchdog, from the event loop itself,
-        so a loop that hangs stops both."""
-        interval = min(self.notifier.watchdog_interval or 1.0, 1.0)
-        while True:
-            self.notifier.status(self.status_line())
-            if self.notifier.watchdog_interval:
-                self.notifier.notify("WATCHDOG=1")
-            await asyncio.sleep(interval)
 
     # -- the model list, and reloading it ---------------------------------------------------
 
@@ -109,23 +101,21 @@ class Router:
                 self.config_error = None
 
     async def _reload(self, reread_config: bool) -> None:
-        settings, presets, cli, keys = self.settings, self.presets, self.cli, (self.api_keys, self.admin_keys)
-        discovery = self.discovery
+        config, discovery = self.config, self.discovery
         if reread_config:
-            settings = self._reload_settings()
-            presets, cli = await asyncio.to_thread(read_presets, settings)
-            keys = settings.all_api_keys(), settings.all_admin_keys()
-            await asyncio.to_thread(tls.check, settings)
+            config = await asyncio.to_thread(load_config, self._reload_settings())
+            settings = config.settings
             if (settings.models_dir, settings.hf_cache) != (discovery.models_dir, discovery.hf_cache):
                 discovery = Discovery(settings.models_dir, settings.hf_cache)
             for name in ("host", "port", "runtime_dir", "state_dir", "max_body", "request_timeout", "max_connections"):
                 if getattr(settings, name) != getattr(self.settings, name):
                     log.warning("%s changed in the config; it takes effect when the router restarts",
                                 name.replace("_", "-"))
-        catalog = await asyncio.to_thread(build, settings, discovery, presets, cli, self.runtime_dir)
+        settings = config.settings
+        catalog = await asyncio.to_thread(build, settings, discovery, config.presets, config.child_options,
+                                          self.runtime_dir)
         watched_before = self._watched()
-        self.settings, self.presets, self.cli = settings, presets, cli
-        self.api_keys, self.admin_keys = keys
+        self.config = config
         if reread_config:
             await asyncio.to_thread(tls.refresh, self.tls, settings)
         self.discovery = discovery
@@ -202,25 +192,47 @@ class Router:
 
     # -- life -----------------------------------------------------------------------------
 
+    def begin(self) -> None:
+        """Called once serving has begun: reads the models (`started` is set when done), and
+        starts what the first request does not need once the loop has had time to answer it:
+        the file watcher (a tenth of a second to import and start), then a reload for whatever
+        changed before it watched, config files included."""
+        self.begun = True
+        # Files that appear from now on may still be being copied: they settle, even in the
+        # first scan, which runs while the router already serves.
+        self.discovery.settle, self.discovery.known_before = SETTLE, time.time()
+        self.spawn(self.start)
+
+        def watch() -> None:
+            if not self._stopped:
+                self.watcher.watch(*self._watched())
+                self.poke(True)
+        asyncio.get_running_loop().call_later(WATCH_AFTER, watch)
+
     async def start(self) -> None:
+        """The models: found, adopted (units an earlier router left running), loaded if a preset
+        says so. A config error here (a preset's hf-repo not in the cache, say) leaves the model
+        list empty and the error in the status, as a refused reload does, until a reload fixes it."""
+        try:
+            await self._start()
+        finally:
+            self.started.set()
+
+    async def _start(self) -> None:
         self.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # No total timeout: a generation may stream for as long as the client reads it.
-        self.session = aiohttp.ClientSession(
-            connector=ChildConnector(self.runtime_dir),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
-            auto_decompress=False,
-        )
-        # A few hundred headers are read before serving; past that, files are listed by name and
-        # their headers read right after startup, so thousands of files cost no wait.
+        # A few hundred headers are read before the models are offered; past that, files are
+        # listed by name and their headers read right after, so thousands of files cost no wait.
         self.discovery.header_budget = STARTUP_HEADERS
-        await self.reload(False)
+        try:
+            await self.reload(False)
+        except ConfigError as exc:
+            log.error("no models until a reload fixes the config: %s", exc)
         self.discovery.header_budget = None
         if self.discovery.unread:
             log.info("listed models by name; reading the rest of their GGUF headers in the background")
             self.poke(False)
         await self.scheduler.adopt()
         self.spawn(self.scheduler.tick)
-        self.watcher.watch(*self._watched())
         models = list(self.scheduler.models.values())
         invalid = sum(1 for m in models if m.file.error)
         log.info("found %d models (%d not usable) in %s%s", len(models), invalid,
@@ -233,6 +245,14 @@ class Router:
                 except RouterError as exc:
                     log.error("model %s: not loaded at startup: %s", model.id, exc)
 
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The one HTTP session to the children, made (and aiohttp imported) on first use."""
+        if self._session is None:
+            from .proxy import child_session
+            self._session = child_session()
+        return self._session
+
     async def stop(self) -> None:
         """Once the requests in flight are done (app.py drains them first): stops the rest.
         Sanic calls it once per listening socket; the first call does it all."""
@@ -243,5 +263,5 @@ class Router:
         for task in self._tasks:
             task.cancel()
         await self.scheduler.close()
-        if self.session is not None:
-            await self.session.close()
+        if self._session is not None:
+            await self._session.close()

@@ -5,12 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from sanic import Blueprint, Request
-from sanic.response import raw
 
-from .api import add_routes, json_body, model_field, router_props
-from .errors import bad_request
-from .metrics import render as render_metrics
-from .proxy import forward
+from .parse import add_routes, autoload, body_model, query_model
 from .scheduler import FAKE_TIMING
 
 bp = Blueprint("routing")
@@ -30,34 +26,14 @@ POST_BY_BODY = (
 # And those that name it in the query string.
 GET_BY_QUERY = ("/slots", "/lora-adapters")
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def autoload(request: Request) -> bool:
-    value = request.args.get("autoload")
-    if value is None:
-        return request.app.ctx.router.settings.models_autoload
-    if value.lower() in _TRUE:
-        return True
-    if value.lower() in _FALSE:
-        return False
-    raise bad_request(f"autoload must be true or false, not {value!r}")
-
-
-def body_model(request: Request) -> str:
-    if request.content_type.startswith("multipart/form-data"):
-        return model_field({"model": (request.form or {}).get("model")})
-    return model_field(json_body(request))
-
-
-def query_model(request: Request) -> str:
-    return model_field({"model": request.args.get("model")})
-
 
 async def serve(request: Request, model_id: str):
+    """Forwards the request to the model's child, loading it first if need be (and allowed)."""
     request.ctx.model_id = model_id
     router = request.app.ctx.router
+    # aiohttp is imported with the first forwarded request, not before the router serves.
+    from .proxy import forward
+
     model = await router.scheduler.acquire(model_id, autoload(request))
     try:
         if FAKE_TIMING:
@@ -76,20 +52,5 @@ async def get_by_query(request: Request):
     return await serve(request, query_model(request))
 
 
-async def props(request: Request):
-    if not request.args.get("model"):
-        return router_props(request)
-    return await serve(request, query_model(request))
-
-
 add_routes(bp, post_by_body, "POST", *POST_BY_BODY, "/slots/<slot_id:int>")
 add_routes(bp, get_by_query, "GET", *GET_BY_QUERY)
-async def metrics(request: Request):
-    if not request.args.get("model"):
-        text = await render_metrics(request.app.ctx.router, request.app.ctx.router.request_counts)
-        return raw(text, content_type="text/plain; version=0.0.4; charset=utf-8")
-    return await serve(request, query_model(request))
-
-
-add_routes(bp, props, "GET", "/props")
-add_routes(bp, metrics, "GET", "/metrics")

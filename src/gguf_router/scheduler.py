@@ -19,12 +19,11 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from . import policy
-from .catalog import ModelConfig, socket_path
+from .catalog import ModelConfig
 from .crashes import WINDOW
 from .events import Events
 from .errors import RouterError, model_not_found
@@ -51,14 +50,13 @@ class QueueLimits:
 
 
 class Scheduler:
-    def __init__(self, launcher: Launcher, runtime_dir: Path, limits: policy.Limits, events: Events | None = None,
+    def __init__(self, launcher: Launcher, limits: policy.Limits, events: Events | None = None,
                  floors: Floors | None = None, queue: QueueLimits | None = None):
         self.launcher = launcher
         self.limits = limits
         self.queue_limits = queue or QueueLimits()
         self.floors = floors or Floors(None)
         self.events = events or Events()
-        self.runtime_dir = runtime_dir
         self.models: dict[str, Model] = {}
         self._aliases: dict[str, str] = {}
         self._queue: dict[str, Model] = {}  # models whose plan is QUEUED, in arrival order
@@ -89,9 +87,6 @@ class Scheduler:
             raise RouterError(400, f"model '{model_id}' is not a usable GGUF: {model.file.error}")
         return model
 
-    def socket_for(self, model_id: str) -> Path:
-        return socket_path(self.runtime_dir, model_id)
-
     def memory_floor(self, model: Model) -> int:
         return self.floors.get(model.id, model.argv)
 
@@ -114,13 +109,12 @@ class Scheduler:
         """How to start the model; its unit's memory limits come from its estimate (and what an
         earlier out-of-memory kill taught), unless its preset sets memory-max."""
         config = model.config
-        limits = dict(config.limits)
+        limits = dict(config.launch.limits)
         if config.memory is not None and "MemoryMax" not in limits:
             memory_max, memory_high = memory_limits(config.memory, self.memory_floor(model))
             limits["MemoryMax"] = str(memory_max)
             limits.setdefault("MemoryHigh", str(memory_high))
-        return LaunchSpec(model.id, config.argv, self.socket_for(model.id), config.stop_timeout,
-                          config.environment, limits, config.devices)
+        return replace(config.launch, limits=limits)
 
     # -- the model list -------------------------------------------------------------------
 
@@ -273,7 +267,7 @@ class Scheduler:
             entry = policy.Waiting(model.id, self.counted(model))
             if model.state is not S.UNLOADED or not policy.admit([entry], self.records(), self.limits).start:
                 log.info("model %s: not adopted, no room for it; stopping its unit", model_id)
-                await child.stop(model.config.stop_timeout)
+                await child.stop(model.config.launch.stop_timeout)
                 continue
             model.set_state(S.LOADING, f"found running as pid {child.pid}")
             model.generation += 1
@@ -309,7 +303,7 @@ class Scheduler:
                 if model.state in (S.LOADING, S.LOADED):
                     self._stop(model, "unloaded")
         if self._tasks:
-            longest = max((m.config.stop_timeout for m in self.models.values()), default=10.0)
+            longest = max((m.config.launch.stop_timeout for m in self.models.values()), default=10.0)
             await asyncio.wait(self._tasks, timeout=longest + 5)
 
     # -- decisions ------------------------------------------------------------------------
@@ -402,7 +396,7 @@ class Scheduler:
         if was is S.LOADING:
             model.runner.cancel()  # kills the child that is still loading
         elif model.child is not None:
-            self._spawn(model.child.stop(model.config.stop_timeout))
+            self._spawn(model.child.stop(model.config.launch.stop_timeout))
 
     def _on_progress(self, model: Model) -> Callable[[float], None]:
         def progress(value: float) -> None:
@@ -529,7 +523,7 @@ class Scheduler:
 
     def _ended(self, model: Model, exit: Exit, error: RouterError | None = None) -> None:
         # llama-server leaves its socket file behind when it exits, however it exits.
-        self.socket_for(model.id).unlink(missing_ok=True)
+        model.config.launch.socket.unlink(missing_ok=True)
         model.child = None
         model.loaded_info = None
         model.last_exit = exit

@@ -6,9 +6,11 @@ protocol with this process, not settings, and are unset once read so no child in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +54,13 @@ class Notifier:
         if text != self._last_status:
             self._last_status = text
             self.notify(f"STATUS={text}")
+
+    async def report(self, status: Callable[[], str]) -> None:
+        """Keeps STATUS= current and pets the watchdog, from the event loop itself, so a loop
+        that hangs stops both (and systemd restarts the router)."""
+        interval = min(self.watchdog_interval or 1.0, 1.0)
+        while True:
+            self.status(status())
+            if self.watchdog_interval:
+                self.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)

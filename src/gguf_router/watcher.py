@@ -11,20 +11,19 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from watchdog.events import (EVENT_TYPE_CLOSED, EVENT_TYPE_CREATED, EVENT_TYPE_DELETED, EVENT_TYPE_MODIFIED,
-                             EVENT_TYPE_MOVED, FileSystemEvent, FileSystemEventHandler)
-from watchdog.observers import Observer
-
 log = logging.getLogger(__name__)
 
-CHANGES = frozenset({EVENT_TYPE_CREATED, EVENT_TYPE_DELETED, EVENT_TYPE_MODIFIED, EVENT_TYPE_MOVED, EVENT_TYPE_CLOSED})
+# watchdog's event types that are changes (its "opened" and "closed_no_write" are not).
+CHANGES = frozenset({"created", "deleted", "modified", "moved", "closed"})
 
 
-class _Handler(FileSystemEventHandler):
+class _Handler:
+    """What watchdog's observer calls (`dispatch`) for each event, on its own thread."""
+
     def __init__(self, loop: asyncio.AbstractEventLoop, wanted: Callable[[str], bool], callback: Callable[[], None]):
         self.loop, self.wanted, self.callback = loop, wanted, callback
 
-    def on_any_event(self, event: FileSystemEvent) -> None:
+    def dispatch(self, event) -> None:
         if event.event_type not in CHANGES:
             return
         paths = [str(event.src_path), str(getattr(event, "dest_path", "") or "")]
@@ -40,6 +39,9 @@ class Watcher:
     def watch(self, model_dirs: list[Path], config_files: list[Path], config_dirs: list[Path]) -> None:
         """(Re)starts watching: model folders recursively for GGUF files, the config files, and
         the drop-in folders for *.ini."""
+        # Imported here: a tenth of a second that the router's start-up need not wait for.
+        from watchdog.observers import Observer
+
         self.stop()
         loop = asyncio.get_running_loop()
         observer = Observer()

@@ -62,6 +62,25 @@ async def answers_health(socket: Path, timeout: float) -> bool:
     return status == 200
 
 
+async def process_gone(pid: int) -> None:
+    """Returns once `pid` has exited (a pidfd becoming readable), without polling; its parent
+    still reaps it."""
+    if pid <= 0:
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    loop = asyncio.get_running_loop()
+    gone = loop.create_future()
+    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
+    try:
+        await gone
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 class LaunchError(Exception):
     """The child exited or could not be started before it was ready."""
 
@@ -74,10 +93,20 @@ class LaunchError(Exception):
         self.peak = peak  # the most memory it held, when known
 
 
+@dataclass(frozen=True)
+class ChildLog:
+    """A child's recent log lines, as `GET /models/logs` and `gguf-router logs` show them."""
+
+    lines: tuple[str, ...]
+    total: int | None  # lines logged so far, so a follower prints only new ones; None: ask the journal
+    journal_match: str | None = None  # the journalctl argument that follows it, for a unit
+
+
 class Child(Protocol):
     socket: Path
     pid: int | None
     info: dict  # what llama-server reports about its model once ready
+    unit: str | None  # its systemd unit, when it runs as one
     oom: str | None  # once ended: how it went over its memory limit, if that is how it ended
     peak: int | None  # once ended: the most memory it held, when known
 
@@ -95,6 +124,9 @@ class Child(Protocol):
 
     def log_tail(self) -> tuple[str, ...]:
         """The child's last log lines, for telling why it failed."""
+
+    async def recent_log(self) -> ChildLog:
+        """Its recent log, from wherever it is kept (the router's memory or the journal)."""
 
 
 ProgressCallback = Callable[[float], None]
@@ -154,8 +186,10 @@ def create_launcher(name: str, runtime_dir: Path) -> Launcher:
     from .process import ProcessLauncher
     from .systemd import SystemdLauncher
 
+    launchers: dict[str, Callable[[], Launcher]] = {
+        "process": ProcessLauncher,
+        "systemd": lambda: SystemdLauncher(runtime_dir),  # it writes each unit's exit report there
+    }
     if name == "auto":
         name = "systemd" if "INVOCATION_ID" in os.environ and systemd_available() else "process"
-    if name == "systemd":
-        return SystemdLauncher(runtime_dir)
-    return ProcessLauncher()
+    return launchers[name]()

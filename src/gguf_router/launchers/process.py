@@ -12,26 +12,28 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import json
 import logging
 import os
-import signal
+import shutil
+import subprocess
 
-from . import ROUTER_ONLY_ENV, Child, ChildExit, LaunchError, LaunchSpec, ProgressCallback
+from . import ROUTER_ONLY_ENV, Child, ChildExit, ChildLog, LaunchError, LaunchSpec, ProgressCallback, process_gone
 from .cgroup import MemoryUse, process_memory
 
 log = logging.getLogger("gguf_router.child")
 
 STATE_PREFIX = b"cmd_child_to_router:state:"
 EXIT_COMMAND = b"cmd_router_to_child:exit\n"
-_PR_SET_PDEATHSIG = 1
+# PR_SET_PDEATHSIG (the kernel kills the child when the router's thread exits, even while it is
+# still loading and not reading stdin) through util-linux's setpriv, which then execs
+# llama-server: a preexec_fn doing it would make Python fork instead of vfork, 9 ms of every
+# cold start. Without setpriv, a child outliving its router exits once loaded (stdin at EOF).
+SETPRIV = shutil.which("setpriv")
 
 
-def _die_with_parent() -> None:
-    # Runs in the forked child before exec: the kernel kills it when the router's thread exits.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _with_pdeathsig(argv: tuple[str, ...]) -> tuple[str, ...]:
+    return (SETPRIV, "--pdeathsig", "KILL", "--", *argv) if SETPRIV else argv
 
 
 def child_environment(spec: LaunchSpec) -> dict[str, str]:
@@ -41,13 +43,20 @@ def child_environment(spec: LaunchSpec) -> dict[str, str]:
     return env
 
 
+async def _reader(pipe) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader(limit=1 << 20)  # llama-server's ready line carries its model info
+    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    return reader
+
+
 class ProcessChild(ChildExit):
-    def __init__(self, spec: LaunchSpec, proc: asyncio.subprocess.Process):
+    def __init__(self, spec: LaunchSpec, proc: subprocess.Popen):
         self.spec = spec
         self.proc = proc
         self.socket = spec.socket
         self.pid = proc.pid
         self.info: dict = {}
+        self.unit = None
         # The last lines, for `gguf-router logs`; `logged` counts all, so a follower knows what is new.
         self.history: collections.deque[str] = collections.deque(maxlen=500)
         self.logged = 0
@@ -59,8 +68,8 @@ class ProcessChild(ChildExit):
         ]
         self._exit: asyncio.Task[int] = asyncio.create_task(self._wait_exit())
 
-    async def _read_states(self, stream: asyncio.StreamReader) -> None:
-        async for line in stream:
+    async def _read_states(self, pipe) -> None:
+        async for line in await _reader(pipe):
             if not line.startswith(STATE_PREFIX):
                 self._log(line)
                 continue
@@ -76,8 +85,8 @@ class ProcessChild(ChildExit):
                 self.info = payload if isinstance(payload, dict) else {}
                 self._ready.set_result(None)
 
-    async def _read_logs(self, stream: asyncio.StreamReader) -> None:
-        async for line in stream:
+    async def _read_logs(self, pipe) -> None:
+        async for line in await _reader(pipe):
             self._log(line)
 
     def _log(self, raw: bytes) -> None:
@@ -88,7 +97,8 @@ class ProcessChild(ChildExit):
             log.info("%s: %s", self.spec.model_id, line)
 
     async def _wait_exit(self) -> int:
-        code = await self.proc.wait()
+        await process_gone(self.pid)
+        code = self.proc.wait()  # it has exited: this only reaps it
         # Drain what the child wrote last: it is usually the reason it exited.
         await asyncio.wait(self._readers, timeout=1)
         return code
@@ -102,7 +112,7 @@ class ProcessChild(ChildExit):
     async def stop(self, timeout: float) -> int:
         if not self._exit.done():
             with contextlib.suppress(OSError):
-                self.proc.stdin.write(EXIT_COMMAND)
+                os.write(self.proc.stdin.fileno(), EXIT_COMMAND)
                 self.proc.stdin.close()
             with contextlib.suppress(ProcessLookupError):
                 self.proc.terminate()  # a child still loading does not read stdin yet
@@ -116,6 +126,9 @@ class ProcessChild(ChildExit):
 
     def log_tail(self) -> tuple[str, ...]:
         return tuple(self.history)[-20:]
+
+    async def recent_log(self) -> ChildLog:
+        return ChildLog(tuple(self.history), self.logged)
 
     async def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -135,18 +148,15 @@ class ProcessLauncher:
         with contextlib.suppress(FileNotFoundError):
             spec.socket.unlink()  # left by a child that was killed
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *spec.argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=child_environment(spec),
+            # subprocess.Popen on the loop's own thread (PR_SET_PDEATHSIG is tied to the thread
+            # that forks): Python spawns with vfork, a millisecond, where uvloop's subprocess
+            # support forks the whole router, 10 ms and more of every cold start.
+            proc = subprocess.Popen(
+                _with_pdeathsig(spec.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, env=child_environment(spec),
                 # Own process group: a Ctrl-C in the router's terminal reaches the router only,
                 # which then stops the children in order.
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-                limit=1 << 20,  # llama-server's ready line carries its model info
-            )
+                start_new_session=True)
         except OSError as exc:
             raise LaunchError(f"cannot run {spec.argv[0]}: {exc.strerror or exc}") from exc
         log.info("%s: started llama-server pid %d", spec.model_id, proc.pid)

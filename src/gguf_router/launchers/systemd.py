@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import ROUTER_ONLY_ENV, Child, ChildExit, LaunchError, LaunchSpec, ProgressCallback, argv_digest, http_get
+from . import ROUTER_ONLY_ENV, Child, ChildExit, ChildLog, LaunchError, process_gone, LaunchSpec, ProgressCallback, argv_digest, http_get
 from ..sizes import size_text
 from .cgroup import MemoryUse, UnitMemory, process_memory
 
@@ -62,7 +62,7 @@ class SystemdChild(ChildExit):
         return self.socket.with_suffix(".exit")
 
     async def _wait_exit(self) -> int:
-        await self.launcher.process_gone(self.pid)
+        await process_gone(self.pid)
         self._tail = await self.launcher.journal_tail(self.unit)
         report = None
         for _ in range(200):  # ExecStopPost runs right after the main process is gone
@@ -110,6 +110,9 @@ class SystemdChild(ChildExit):
 
     def log_tail(self) -> tuple[str, ...]:
         return self._tail
+
+    async def recent_log(self) -> ChildLog:
+        return ChildLog(await self.launcher.journal_tail(self.unit), None, self.launcher.journal_match(self.unit))
 
 
 class SystemdLauncher:
@@ -159,23 +162,6 @@ class SystemdLauncher:
         """The unit's last log lines (the router's user reads the journal as a member of systemd-journal)."""
         code, out = await self._run("journalctl", self.journal_match(unit), "-n", "20", "-o", "cat", "--no-pager", "-q")
         return tuple(line for line in out.splitlines() if line.strip()) if code == 0 else ()
-
-    async def process_gone(self, pid: int) -> None:
-        """Returns once `pid` has exited, without polling and without being its parent."""
-        if pid <= 0:
-            return
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            return
-        loop = asyncio.get_running_loop()
-        gone = loop.create_future()
-        loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
-        try:
-            await gone
-        finally:
-            loop.remove_reader(fd)
-            os.close(fd)
 
     def _properties(self, spec: LaunchSpec) -> list[str]:
         unit = unit_name(spec.model_id)

@@ -1,0 +1,29 @@
+"""One immutable snapshot of the configuration: settings, presets, the children's command-line
+options and the API keys, as read together at start or by a reload. A reload builds a new one
+and swaps it in with one assignment, so no request ever sees half of each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import tls
+from .catalog import read_presets
+from .presets import Presets, Section
+from .settings import Settings
+
+
+@dataclass(frozen=True)
+class Config:
+    settings: Settings
+    presets: Presets
+    child_options: Section  # the router's command-line options for every child
+    api_keys: tuple[str, ...]
+    admin_keys: tuple[str, ...]
+
+
+def load_config(settings: Settings) -> Config:
+    """Blocking (runs llama-server --help, reads files); raises ConfigError for anything bad,
+    the TLS certificate included."""
+    presets, child_options = read_presets(settings)
+    tls.check(settings)
+    return Config(settings, presets, child_options, settings.all_api_keys(), settings.all_admin_keys())
