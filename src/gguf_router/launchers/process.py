@@ -16,9 +16,8 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 
-from . import ROUTER_ONLY_ENV, Child, ChildExit, ChildLog, LaunchError, LaunchSpec, ProgressCallback, process_gone
+from . import ROUTER_ONLY_ENV, Child, ChildExit, ChildLog, LaunchError, LaunchSpec, ProgressCallback
 from .cgroup import MemoryUse, process_memory
 
 log = logging.getLogger("gguf_router.child")
@@ -27,8 +26,8 @@ STATE_PREFIX = b"cmd_child_to_router:state:"
 EXIT_COMMAND = b"cmd_router_to_child:exit\n"
 # PR_SET_PDEATHSIG (the kernel kills the child when the router's thread exits, even while it is
 # still loading and not reading stdin) through util-linux's setpriv, which then execs
-# llama-server: a preexec_fn doing it would make Python fork instead of vfork, 9 ms of every
-# cold start. Without setpriv, a child outliving its router exits once loaded (stdin at EOF).
+# llama-server: a preexec_fn doing it costs 9 ms of every cold start (Python must run code in the
+# forked child). Without setpriv, a child outliving its router exits once loaded (stdin at EOF).
 SETPRIV = shutil.which("setpriv")
 
 
@@ -43,14 +42,8 @@ def child_environment(spec: LaunchSpec) -> dict[str, str]:
     return env
 
 
-async def _reader(pipe) -> asyncio.StreamReader:
-    reader = asyncio.StreamReader(limit=1 << 20)  # llama-server's ready line carries its model info
-    await asyncio.get_running_loop().connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
-    return reader
-
-
 class ProcessChild(ChildExit):
-    def __init__(self, spec: LaunchSpec, proc: subprocess.Popen):
+    def __init__(self, spec: LaunchSpec, proc: asyncio.subprocess.Process):
         self.spec = spec
         self.proc = proc
         self.socket = spec.socket
@@ -68,8 +61,8 @@ class ProcessChild(ChildExit):
         ]
         self._exit: asyncio.Task[int] = asyncio.create_task(self._wait_exit())
 
-    async def _read_states(self, pipe) -> None:
-        async for line in await _reader(pipe):
+    async def _read_states(self, stream: asyncio.StreamReader) -> None:
+        async for line in stream:
             if not line.startswith(STATE_PREFIX):
                 self._log(line)
                 continue
@@ -85,8 +78,8 @@ class ProcessChild(ChildExit):
                 self.info = payload if isinstance(payload, dict) else {}
                 self._ready.set_result(None)
 
-    async def _read_logs(self, pipe) -> None:
-        async for line in await _reader(pipe):
+    async def _read_logs(self, stream: asyncio.StreamReader) -> None:
+        async for line in stream:
             self._log(line)
 
     def _log(self, raw: bytes) -> None:
@@ -97,8 +90,7 @@ class ProcessChild(ChildExit):
             log.info("%s: %s", self.spec.model_id, line)
 
     async def _wait_exit(self) -> int:
-        await process_gone(self.pid)
-        code = self.proc.wait()  # it has exited: this only reaps it
+        code = await self.proc.wait()
         # Drain what the child wrote last: it is usually the reason it exited.
         await asyncio.wait(self._readers, timeout=1)
         return code
@@ -112,7 +104,7 @@ class ProcessChild(ChildExit):
     async def stop(self, timeout: float) -> int:
         if not self._exit.done():
             with contextlib.suppress(OSError):
-                os.write(self.proc.stdin.fileno(), EXIT_COMMAND)
+                self.proc.stdin.write(EXIT_COMMAND)
                 self.proc.stdin.close()
             with contextlib.suppress(ProcessLookupError):
                 self.proc.terminate()  # a child still loading does not read stdin yet
@@ -148,15 +140,17 @@ class ProcessLauncher:
         with contextlib.suppress(FileNotFoundError):
             spec.socket.unlink()  # left by a child that was killed
         try:
-            # subprocess.Popen on the loop's own thread (PR_SET_PDEATHSIG is tied to the thread
-            # that forks): Python spawns with vfork, a millisecond, where uvloop's subprocess
-            # support forks the whole router, 10 ms and more of every cold start.
-            proc = subprocess.Popen(
-                _with_pdeathsig(spec.argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, env=child_environment(spec),
+            proc = await asyncio.create_subprocess_exec(
+                *_with_pdeathsig(spec.argv),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=child_environment(spec),
                 # Own process group: a Ctrl-C in the router's terminal reaches the router only,
                 # which then stops the children in order.
-                start_new_session=True)
+                start_new_session=True,
+                limit=1 << 20,  # llama-server's ready line carries its model info
+            )
         except OSError as exc:
             raise LaunchError(f"cannot run {spec.argv[0]}: {exc.strerror or exc}") from exc
         log.info("%s: started llama-server pid %d", spec.model_id, proc.pid)
