@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import tls
 from .catalog import read_presets
 from .presets import Presets, Section
 from .settings import Settings
@@ -22,8 +21,7 @@ class Config:
 
 
 def load_config(settings: Settings) -> Config:
-    """Blocking (runs llama-server --help, reads files); raises ConfigError for anything bad,
-    the TLS certificate included."""
+    """Blocking (runs llama-server --help, reads files); raises ConfigError for anything bad.
+    The TLS certificate is checked where it is loaded (tls.py), not here."""
     presets, child_options = read_presets(settings)
-    tls.check(settings)
     return Config(settings, presets, child_options, settings.all_api_keys(), settings.all_admin_keys())

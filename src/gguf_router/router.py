@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 DEBOUNCE = 0.25  # seconds: a copy or an editor's save is a burst of events, worth one rescan
 SETTLE = 1.0  # seconds a new GGUF must stay unchanged before it is offered
 WATCH_AFTER = 0.5  # seconds after serving begins that the file watcher starts
-STARTUP_HEADERS = 500  # headers read before serving (about 0.1 s); the rest right after
+STARTUP_HEADERS = 500  # headers read before the models are offered (about 0.1 s); the rest right after
 
 
 def scheduling_limits(settings: Settings) -> Limits:
@@ -105,6 +105,7 @@ class Router:
         if reread_config:
             config = await asyncio.to_thread(load_config, self._reload_settings())
             settings = config.settings
+            await asyncio.to_thread(tls.check, settings)  # before anything is swapped in
             if (settings.models_dir, settings.hf_cache) != (discovery.models_dir, discovery.hf_cache):
                 discovery = Discovery(settings.models_dir, settings.hf_cache)
             for name in ("host", "port", "runtime_dir", "state_dir", "max_body", "request_timeout", "max_connections"):
