@@ -70,7 +70,10 @@ class Container:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"systemd-nspawn exited: {(self.share / 'nspawn.log').read_text()}")
             for child in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split():
-                status = Path(f"/proc/{child}/status").read_text()
+                try:
+                    status = Path(f"/proc/{child}/status").read_text()
+                except (FileNotFoundError, ProcessLookupError):
+                    continue  # nspawn's short-lived helpers come and go
                 if any(line.startswith("NSpid:") and line.split()[-1] == "1" and len(line.split()) > 2
                        for line in status.splitlines()):
                     return int(child)
