@@ -337,6 +337,59 @@ def admission(models: Path, rows) -> None:
                  "p50_ms": pct(times, 0.5), "p99_ms": pct(times, 0.99)})
 
 
+async def balancer(session, models: Path, rows) -> None:
+    """What HAProxy in front adds: the same small chat through it and to the router directly,
+    interleaved (one host; `gguf-router haproxy-config` and `haproxy-sync` as the README runs them)."""
+    haproxy = shutil.which("haproxy")
+    if not haproxy or os.geteuid() != 0:
+        print("balancer: skipped (needs root and Debian's haproxy)", file=sys.stderr)
+        return
+    work = models.parent / "balancer"
+    work.mkdir()
+    router = gguf_router(models)
+    port = free_port()
+    (work / "balancer.conf").write_text(
+        f"[balancer]\nlisten = 127.0.0.1:{port}\nsync-listen = 127.0.0.1:{free_port()}\n"
+        f"runtime-socket = {work}/haproxy.sock\nmap-file = {work}/models.map\n[hosts]\none = {router.url}\n")
+    command = [sys.executable, "-m", "gguf_router"]
+    config = subprocess.run([*command, "haproxy-config", "--config", str(work / "balancer.conf")],
+                            check=True, capture_output=True, text=True).stdout
+    (work / "haproxy.cfg").write_text(config)
+    await router.ready(session)
+    sync = subprocess.Popen([*command, "haproxy-sync", "--config", str(work / "balancer.conf"), "--log-level", "warning"])
+    front = None
+    try:
+        while not (work / "models.map").exists():
+            await asyncio.sleep(0.05)
+        front = subprocess.Popen([haproxy, "-db", "-f", str(work / "haproxy.cfg")], stdout=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        body = {"model": "tiny-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+        while True:  # routable once the map has tiny-a and the health check saw the host
+            try:
+                await post(session, url + "/v1/chat/completions", body)
+                break
+            except (AssertionError, aiohttp.ClientError):
+                await asyncio.sleep(0.1)
+        for conc, count in ((1, 200), (8, 400)):
+            per = {"gguf-router": ([], 0.0), "HAProxy -> gguf-router": ([], 0.0)}
+            for _ in range(ROUNDS):
+                for name, base in (("gguf-router", router.url), ("HAProxy -> gguf-router", url)):
+                    lat, took = await closed_loop(session, base + "/v1/chat/completions", body, conc, count)
+                    per[name] = (per[name][0] + lat, per[name][1] + took)
+            for name, (lat, took) in per.items():
+                rows.append({"scenario": f"balancer chat c={conc}", "target": name, "rps": len(lat) / took,
+                             "p50_ms": pct(lat, 0.5), "p99_ms": pct(lat, 0.99)})
+            per = {name: lat for name, (lat, _) in per.items()}
+            rows.append({"scenario": f"balancer chat c={conc}", "target": "added by HAProxy (p50)",
+                         "p50_ms": pct(per["HAProxy -> gguf-router"], 0.5) - pct(per["gguf-router"], 0.5)})
+    finally:
+        for proc in (front, sync):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
+        router.stop()
+
+
 def table(rows) -> str:
     by = {}
     for r in rows:
@@ -381,8 +434,8 @@ async def main() -> None:
     rows, rss, memory_rows = [], {}, []
     # Under llama-server's 5 s keep-alive (cpp-httplib): a connection idle longer is closed under us.
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
-    # `scripts/dev bench discovery`, `... memory`, `... admission` or `... startup`: that part alone
-    only = sys.argv[1] if sys.argv[1:] in (["discovery"], ["memory"], ["admission"], ["startup"]) else None
+    # `scripts/dev bench discovery`, `... memory`, `... admission`, `... startup` or `... balancer`: that part alone
+    only = sys.argv[1] if sys.argv[1:] in (["discovery"], ["memory"], ["admission"], ["startup"], ["balancer"]) else None
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         if only in (None, "memory"):
             print("memory ...", file=sys.stderr)
@@ -409,6 +462,9 @@ async def main() -> None:
         if only in (None, "discovery"):
             print("discovery ...", file=sys.stderr)
             await discovery(session, models / "tiny-a.gguf", rows)
+        if only in (None, "balancer"):
+            print("balancer ...", file=sys.stderr)
+            await balancer(session, models, rows)
     if only in (None, "admission"):
         admission(models, rows)
     if only in (None, "startup"):

@@ -84,14 +84,15 @@ class NotifyListener:
 class RouterProcess:
     """A gguf-router started as users start it, on a free loopback port."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, ca: Path | None = None):
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None, ca: Path | None = None,
+                 host: str = "127.0.0.1"):
         """`ca`: the router serves HTTPS (its config says so) with a certificate this CA signed."""
         self.port = free_port()
-        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ca else 'http'}://{host}:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gguf_router", "--host", "127.0.0.1", "--port", str(self.port), *args],
+            [sys.executable, "-m", "gguf_router", "--host", host, "--port", str(self.port), *args],
             stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )
         self.http = httpx.Client(base_url=self.url, timeout=60,
@@ -178,7 +179,8 @@ class RouterProcess:
 def start_router(llama_server, models_dir, tmp_path):
     routers: list[RouterProcess] = []
 
-    def start(*args: str, models: Path | None = None, env: dict | None = None, ca: Path | None = None) -> RouterProcess:
+    def start(*args: str, models: Path | None = None, env: dict | None = None, ca: Path | None = None,
+              host: str = "127.0.0.1") -> RouterProcess:
         # Hermetic: the machine's /etc/gguf-router (if any) must not change what a test sees.
         defaults = []
         if "--config" not in args:
@@ -191,7 +193,7 @@ def start_router(llama_server, models_dir, tmp_path):
             defaults += ["--models-preset", str(tmp_path / "no-presets.ini")]
         router = RouterProcess(
             ["--models-dir", str(models or models_dir), "--llama-server", str(llama_server), *defaults, *args],
-            tmp_path / f"router{len(routers)}.log", env, ca,
+            tmp_path / f"router{len(routers)}.log", env, ca, host,
         )
         routers.append(router)
         return router

@@ -62,6 +62,10 @@ def test_install_serves_with_a_key_then_tls_upgrade_keeps_key_and_model_purge_le
         assert "gguf-router: API key written to /etc/gguf-router/api-keys" in installed
         assert "no llama-server found" not in installed
         assert c.run("systemctl", "is-active", "gguf-router.socket").strip() == "active"
+        # The balancer's glue ships too, off until an admin sets up several hosts.
+        assert c.run("systemctl", "is-enabled", "gguf-router-haproxy-sync", check=False).strip() == "disabled"
+        assert "backend host-gpu2" in c.run(
+            "gguf-router", "haproxy-config", "--config", "/usr/share/doc/gguf-router/examples/balancer.conf")
         assert c.run("stat", "-c", "%a %U:%G", "/etc/gguf-router/api-keys").strip() == "640 root:gguf-router"
         api_key = c.run("cat", "/etc/gguf-router/api-keys").strip()
         assert len(api_key) == 48

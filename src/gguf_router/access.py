@@ -28,12 +28,12 @@ def _managing(request: Request) -> bool:
                 and (request.method in ("DELETE", "POST") or request.args.get("reload") in ("1", "true"))))
 
 
-def _given_key(request: Request) -> str:
+def given_key(request: Request) -> str:
     auth = request.headers.get("authorization", "")
     return auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
 
 
-def _matches(given: str, keys: tuple[str, ...]) -> bool:
+def keys_match(given: str, keys: tuple[str, ...]) -> bool:
     matched = False
     for key in keys:  # no early exit: the time taken does not tell which key, or how much of it, matched
         matched |= hmac.compare_digest(given.encode(), key.encode())
@@ -48,11 +48,11 @@ def check_key(request: Request):
     admin, keys = router.config.admin_keys, router.config.api_keys
     if _managing(request):
         needed = admin or keys
-        if needed and not _matches(_given_key(request), needed):
-            raise RouterError(403 if admin and _matches(_given_key(request), keys) else 401,
+        if needed and not keys_match(given_key(request), needed):
+            raise RouterError(403 if admin and keys_match(given_key(request), keys) else 401,
                               "managing models needs an admin key" if admin else "Invalid API Key",
                               "permission_error" if admin else "authentication_error")
-    elif keys and not _matches(_given_key(request), keys + admin):
+    elif keys and not keys_match(given_key(request), keys + admin):
         raise RouterError(401, "Invalid API Key", "authentication_error")
     return None
 

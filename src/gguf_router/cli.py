@@ -18,6 +18,7 @@ gguf-router [ROUTER OPTIONS] [LLAMA-SERVER OPTIONS...]
        gguf-router check-config [ROUTER OPTIONS] [LLAMA-SERVER OPTIONS...]
        gguf-router ps | load MODEL | unload MODEL | logs MODEL [-f]
        gguf-router demo-models DIR
+       gguf-router haproxy-config | haproxy-sync [--config /etc/gguf-router/balancer.conf]
 
 Routes OpenAI API requests, by their "model" field, to one llama-server per model.
 Options not listed here (-c 8192, --threads 4, -ngl 99, ...) are passed to every llama-server.
@@ -154,6 +155,31 @@ def check_config(argv: list[str]) -> None:
             print(f"  {memory_line(config.memory)}")
 
 
+def balancer(command: str, argv: list[str]) -> None:
+    """Several hosts behind HAProxy: print its config, or keep its model map current."""
+    from .balancer import settings as balancer_settings
+
+    p = argparse.ArgumentParser(prog=f"gguf-router {command}", allow_abbrev=False)
+    p.add_argument("--config", type=Path, default=balancer_settings.DEFAULT_PATH,
+                   help="[balancer] options and [hosts] (default %(default)s)")
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    try:
+        settings = balancer_settings.load(args.config)
+        settings.api_keys()
+    except ConfigError as exc:
+        fail(str(exc))
+    if command == "haproxy-config":
+        from .balancer.haproxy import render
+
+        sys.stdout.write(render(settings))
+        return
+    from .balancer.sync import main as sync
+
+    setup_logging(Settings(log_level=args.log_level.upper()))
+    sync(settings)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] and argv[0] in ("ps", "load", "unload", "logs"):
@@ -165,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
             fail(str(exc))
     if argv[:1] == ["check-config"]:
         return check_config(argv[1:])
+    if argv[:1] and argv[0] in ("haproxy-config", "haproxy-sync"):
+        return balancer(argv[0], argv[1:])
     if argv[:1] == ["demo-models"]:
         from .tinymodels import write_demo_folder
 

@@ -124,6 +124,7 @@ class Scheduler:
             model = self.models.get(model_id)
             if model is None:
                 self.models[model_id] = Model(config, self._on_change)
+                self.events.publish("model_add", model_id)  # a file just found: lists refresh at once
                 continue
             changed = (config.argv, config.file.stamp) != (model.argv, model.file.stamp)
             model.config = config

@@ -138,10 +138,10 @@ class Settings(BaseSettings):
         return main, sorted(p for p in dropins.glob("*.ini") if p.is_file()) if dropins.is_dir() else []
 
     def all_api_keys(self) -> tuple[str, ...]:
-        return self.api_keys + _keys_in(self.api_key_file, "api-key-file")
+        return self.api_keys + keys_in(self.api_key_file, "api-key-file")
 
     def all_admin_keys(self) -> tuple[str, ...]:
-        return self.admin_api_keys + _keys_in(self.admin_api_key_file, "admin-api-key-file")
+        return self.admin_api_keys + keys_in(self.admin_api_key_file, "admin-api-key-file")
 
     @field_validator("api_keys", "admin_api_keys", "cors_origins", mode="before")
     @classmethod
@@ -189,7 +189,7 @@ class Settings(BaseSettings):
         return value
 
 
-def _keys_in(path: Path | None, what: str) -> tuple[str, ...]:
+def keys_in(path: Path | None, what: str) -> tuple[str, ...]:
     """Keys from a file, one per line, `#` comments."""
     if path is None:
         return ()
