@@ -6,7 +6,8 @@ from gguf_router.cli import parse_settings
 from gguf_router.ini import ConfigError
 
 ROUTER_VARS = ("GGUF_ROUTER_PORT", "GGUF_ROUTER_HOST", "GGUF_ROUTER_MODELS_MAX", "GGUF_ROUTER_API_KEYS",
-               "GGUF_ROUTER_CONFIG", "GGUF_ROUTER_MODELS_AUTOLOAD", "GGUF_ROUTER_LLAMA_SERVER")
+               "GGUF_ROUTER_CONFIG", "GGUF_ROUTER_MODELS_AUTOLOAD", "GGUF_ROUTER_LLAMA_SERVER",
+               "GGUF_ROUTER_MEMORY_BUDGET", "GGUF_ROUTER_LAUNCHER", "GGUF_ROUTER_MODELS_DIR")
 
 
 @pytest.fixture(autouse=True)
@@ -71,14 +72,40 @@ def test_a_named_config_file_must_exist(tmp_path):
         parse_settings(["--config", str(tmp_path / "nope.conf")])
 
 
-@pytest.mark.parametrize("argv, where", [
-    (["--models-max", "-1"], "--models-max"),
-    (["--log-level", "loud"], "--log-level"),
+@pytest.mark.parametrize("argv, where, message", [
+    (["--models-max", "-1"], "--models-max", "give a number at least 0"),
+    (["--port", "70000"], "--port", "between 0 and 65535"),
+    (["--log-level", "loud"], "--log-level", "unknown log level"),
+    (["--max-body", "huge"], "--max-body", "not a size"),
+    (["--tls-cert-file", "/etc/cert.pem"], "tls-key-file", "set both or neither"),
 ])
-def test_bad_command_line_values_are_refused_by_name(argv, where):
+def test_bad_command_line_values_are_refused_by_name(argv, where, message):
     with pytest.raises(ConfigError) as caught:
         parse_settings(argv)
-    assert caught.value.where == where
+    assert caught.value.where == where and message in caught.value.message
+
+
+@pytest.mark.parametrize("var, value, message", [
+    ("GGUF_ROUTER_STOP_TIMEOUT", "0", "give a number above 0"),
+    ("GGUF_ROUTER_MODELS_AUTOLOAD", "maybe", "not a boolean"),
+    ("GGUF_ROUTER_LAUNCHER", "docker", "unknown launcher"),
+])
+def test_bad_environment_values_name_the_variable(monkeypatch, var, value, message):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as caught:
+        parse_settings([])
+    assert caught.value.where == f"environment {var}" and message in caught.value.message
+
+
+def test_environment_values_take_their_field_types(monkeypatch, tmp_path):
+    monkeypatch.setenv("GGUF_ROUTER_MODELS_AUTOLOAD", "off")
+    monkeypatch.setenv("GGUF_ROUTER_QUEUE_TIMEOUT", "2.5")
+    monkeypatch.setenv("GGUF_ROUTER_MODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("GGUF_ROUTER_CORS_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("GGUF_ROUTER_MEMORY_BUDGET", " 80% ")
+    s = parse_settings([])
+    assert (s.models_autoload, s.queue_timeout, s.models_dir) == (False, 2.5, tmp_path)
+    assert s.cors_origins == ("https://a.example", "https://b.example") and s.memory_budget == "80%"
 
 
 def test_the_default_llama_server_is_the_one_on_the_path_then_the_packaged_one(tmp_path, monkeypatch):

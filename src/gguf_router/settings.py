@@ -1,23 +1,23 @@
 """The router's settings, parsed once by `load_settings` (and again on reload) and read everywhere else.
 
 Precedence: command line > environment (GGUF_ROUTER_*) > config file ([router] section of
-/etc/gguf-router/gguf-router.conf) > defaults. The command line reaches pydantic-settings as init
-arguments, which it ranks above the environment; the file is a settings source of ours below both.
+/etc/gguf-router/gguf-router.conf) > defaults. Each value is turned into its field's type and
+checked here, in a few lines of our own rather than pydantic-settings: importing pydantic cost
+about a third of the time a socket-activated router took to answer its first request.
 """
 
 from __future__ import annotations
 
-import contextvars
+import dataclasses
 import os
+import shlex
 import shutil
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
-
-from .ini import ConfigError, Value, read_ini
+from .ini import FALSE, TRUE, ConfigError, Value, read_ini
 from .sizes import parse_size
 
 ETC_DIR = Path("/etc/gguf-router")
@@ -63,73 +63,62 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "gguf-router"
 
 
-# The config file's values for the Settings being built: pydantic-settings builds its sources
-# inside Settings(), so `load_settings` hands them over here rather than through a global.
-_file_values: contextvars.ContextVar[dict[str, Value]] = contextvars.ContextVar("file_values", default={})
+_LAUNCHERS = Literal["auto", "process", "systemd"]
 
 
-class ConfigFileSource(PydanticBaseSettingsSource):
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        value = _file_values.get().get(field_name)
-        return (value.text if value else None), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return {name: value.text for name, value in _file_values.get().items()}
+def _bounds(low: float, high: float | None = None, above: bool = False) -> dict:
+    """A number field's range, checked by Settings.__post_init__ (`above`: low itself excluded)."""
+    return {"low": low, "high": high, "above": above}
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GGUF_ROUTER_", frozen=True, extra="forbid")
-
+@dataclass(frozen=True)
+class Settings:
     config: Path | None = None  # the file these came from, when there was one
     models_dir: Path | None = None
     models_preset: Path | None = None
-    models_max: int = Field(4, ge=0, description="models loaded at once; 0 = unlimited")
+    models_max: int = field(default=4, metadata=_bounds(0))
     models_autoload: bool = True
-    models_ttl: float = Field(0.0, ge=0, description="seconds idle before a model is stopped; 0 = never")
+    models_ttl: float = field(default=0.0, metadata=_bounds(0))
     # What the models may hold together: `auto` = the host's memory (or the router's cgroup
     # limit) minus memory_reserve; a size (20G), a share of RAM (80%), or `off`.
     memory_budget: str = "auto"
     memory_reserve: str = "1G"
-    queue_max: int = Field(256, ge=1, description="requests waiting for models to load, all together")
-    queue_timeout: float = Field(0.0, ge=0, description="seconds a request waits for its model; 0 = no limit")
+    queue_max: int = field(default=256, metadata=_bounds(1))
+    queue_timeout: float = field(default=0.0, metadata=_bounds(0))
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    port: int = field(default=8080, metadata=_bounds(0, 65535))
     # Comma-separated in the environment, like llama-server's LLAMA_API_KEY.
-    api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    api_keys: tuple[str, ...] = ()
     api_key_file: Path | None = None  # one key per line; keeps keys out of a world-readable file
     # With admin keys set, managing models (load, unload, reload, logs) needs one of them; the
     # keys above then only run inference. An admin key is accepted everywhere.
-    admin_api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    admin_api_keys: tuple[str, ...] = ()
     admin_api_key_file: Path | None = None
     # Origins a browser may call the API from (CORS); none by default.
-    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
+    cors_origins: tuple[str, ...] = ()
     # TLS on every socket the router serves (its own or systemd's); both files in PEM, readable
     # by the router's user. A reload loads them again (renewed certificates).
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     max_body: str = "64M"  # request bodies: long prompts with images fit
-    request_timeout: float = Field(60.0, gt=0)  # seconds a request's headers and body may take to arrive
-    max_connections: int = Field(1024, ge=1)  # open client connections at most
+    # Seconds a request's headers and body may take to arrive.
+    request_timeout: float = field(default=60.0, metadata=_bounds(0, above=True))
+    max_connections: int = field(default=1024, metadata=_bounds(1))  # open client connections at most
     # On stop, seconds the requests in flight get to finish (gguf-router.service: TimeoutStopSec=30).
-    drain_timeout: float = Field(20.0, ge=0)
-    llama_server: Path = Field(default_factory=default_llama_server)
+    drain_timeout: float = field(default=20.0, metadata=_bounds(0))
+    llama_server: Path = field(default_factory=default_llama_server)
     child_args: tuple[str, ...] = ()
     # auto: a transient systemd unit per model when started by systemd, else a child process.
-    launcher: Literal["auto", "process", "systemd"] = "auto"
-    stop_timeout: float = Field(10.0, gt=0)
+    launcher: _LAUNCHERS = "auto"
+    stop_timeout: float = field(default=10.0, metadata=_bounds(0, above=True))
     # A loaded child that does not answer /health for this long is killed and restarted.
-    health_timeout: float = Field(30.0, gt=0)
-    hf_cache: Path | None = Field(default_factory=default_hf_cache)
-    runtime_dir: Path | None = Field(default_factory=systemd_runtime_dir)
-    state_dir: Path = Field(default_factory=default_state_dir)
+    health_timeout: float = field(default=30.0, metadata=_bounds(0, above=True))
+    hf_cache: Path | None = field(default_factory=default_hf_cache)
+    runtime_dir: Path | None = field(default_factory=systemd_runtime_dir)
+    state_dir: Path = field(default_factory=default_state_dir)
     log_level: str = "INFO"
     # journald stamps every line itself; a terminal wants the time in the line.
-    log_timestamps: bool = Field(default_factory=lambda: "JOURNAL_STREAM" not in os.environ)
-
-    @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings):
-        return init_settings, env_settings, ConfigFileSource(settings_cls)
+    log_timestamps: bool = field(default_factory=lambda: "JOURNAL_STREAM" not in os.environ)
 
     def preset_files(self) -> tuple[Path, list[Path]]:
         """The presets file (given or the default) and its drop-ins, presets.d/*.ini in name order."""
@@ -143,13 +132,6 @@ class Settings(BaseSettings):
     def all_admin_keys(self) -> tuple[str, ...]:
         return self.admin_api_keys + keys_in(self.admin_api_key_file, "admin-api-key-file")
 
-    @field_validator("api_keys", "admin_api_keys", "cors_origins", mode="before")
-    @classmethod
-    def _split_keys(cls, value):
-        if isinstance(value, str):
-            value = value.split(",")
-        return tuple(k.strip() for k in value if k and k.strip())
-
     def budget_bytes(self) -> int | None:
         """The memory budget in bytes; None when it is off."""
         if self.memory_budget == "off":
@@ -159,34 +141,38 @@ class Settings(BaseSettings):
             return max(host_memory() - parse_size(self.memory_reserve), 0)
         return parse_size(self.memory_budget)
 
-    @model_validator(mode="after")
-    def _tls_pair(self):
+    def __post_init__(self) -> None:
+        """Checks what the types alone do not; raises ValueError naming the field."""
+        for item in dataclasses.fields(self):
+            bounds, value = item.metadata, getattr(self, item.name)
+            if bounds and (value < bounds["low"] or (bounds["above"] and value == bounds["low"])
+                           or (bounds["high"] is not None and value > bounds["high"])):
+                limit = (f"between {bounds['low']} and {bounds['high']}" if bounds["high"] is not None
+                         else f"{'above' if bounds['above'] else 'at least'} {bounds['low']}")
+                raise FieldError(item.name, f"{value} is out of range: give a number {limit}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
-            raise ValueError("tls-cert-file and tls-key-file go together: set both or neither")
-        return self
+            raise FieldError("tls_key_file" if self.tls_cert_file else "tls_cert_file",
+                             "tls-cert-file and tls-key-file go together: set both or neither")
+        if self.launcher not in typing.get_args(_LAUNCHERS):
+            raise FieldError("launcher", f"unknown launcher {self.launcher!r}: use auto, process or systemd")
+        for name in ("max_body", "memory_reserve", "memory_budget"):
+            value = getattr(self, name).strip().lower()
+            if not (name == "memory_budget" and value in ("auto", "off")):
+                try:
+                    parse_size(value, total=1)
+                except ValueError as exc:
+                    raise FieldError(name, str(exc)) from None
+            object.__setattr__(self, name, value)
+        level = self.log_level.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise FieldError("log_level", f"unknown log level {self.log_level!r}: use debug, info, warning or error")
+        object.__setattr__(self, "log_level", level)
 
-    @field_validator("max_body")
-    @classmethod
-    def _body_size(cls, value):
-        parse_size(value, total=1)
-        return value
 
-    @field_validator("memory_budget", "memory_reserve")
-    @classmethod
-    def _size(cls, value, info):
-        value = value.strip().lower()
-        if info.field_name == "memory_budget" and value in ("auto", "off"):
-            return value
-        parse_size(value, total=1)  # raises ValueError with the reason
-        return value
-
-    @field_validator("log_level")
-    @classmethod
-    def _level(cls, value):
-        value = value.upper()
-        if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-            raise ValueError(f"unknown log level {value!r}: use debug, info, warning or error")
-        return value
+class FieldError(ValueError):
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
 
 
 def keys_in(path: Path | None, what: str) -> tuple[str, ...]:
@@ -200,9 +186,42 @@ def keys_in(path: Path | None, what: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#"))
 
 
+_FIELDS = {item.name: item for item in dataclasses.fields(Settings)}
+_TYPES = typing.get_type_hints(Settings)
 # Keys the config file may set: every setting but the file itself and the children's options,
 # which belong in the presets' [*] section.
-FILE_KEYS = frozenset(Settings.model_fields) - {"config", "child_args"}
+FILE_KEYS = frozenset(_FIELDS) - {"config", "child_args"}
+
+
+def _convert(name: str, raw: Any) -> Any:
+    """An environment or file value (text) as its field's type; ValueError says why it is not one.
+    The command line's values come typed already (argparse), but for the comma-joined keys."""
+    if not isinstance(raw, str):
+        return raw
+    hint = _TYPES[name]
+    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
+    optional = len(kinds) < len(typing.get_args(hint))
+    kind = kinds[0] if optional else hint
+    text = raw.strip()
+    if optional and not text:
+        return None
+    if kind is bool:
+        if text.lower() in TRUE | FALSE:
+            return text.lower() in TRUE
+        raise ValueError(f"{raw!r} is not a boolean: use true/false, 1/0 or on/off")
+    if kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"{raw!r} is not a valid {'integer' if kind is int else 'number'}") from None
+    if kind is Path:
+        return Path(text)
+    if typing.get_origin(kind) is tuple:
+        # Options for the children as a shell would split them; keys and origins comma-separated.
+        if name == "child_args":
+            return tuple(shlex.split(text))
+        return tuple(k.strip() for k in text.split(",") if k.strip())
+    return text
 
 
 def read_config_file(path: Path) -> dict[str, Value]:
@@ -232,21 +251,24 @@ def load_settings(cli: dict[str, Any]) -> Settings:
     if given and not path.is_file():
         raise ConfigError(str(path), "config file not found")
     values = read_config_file(path) if path.is_file() else {}
-    token = _file_values.set(values)
-    try:
-        return Settings(**{**cli, "config": path if path.is_file() else None})
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        field = str(error["loc"][0]) if error["loc"] else ""
-        env = f"GGUF_ROUTER_{field.upper()}"
-        if field in cli:
-            where = "command line" if field == "child_args" else f"--{field.replace('_', '-')}"
+    chosen: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    for name in _FIELDS:
+        env = f"GGUF_ROUTER_{name.upper()}"
+        if name in cli:
+            raw, where = cli[name], "command line" if name == "child_args" else f"--{name.replace('_', '-')}"
         elif env in os.environ:
-            where = f"environment {env}"
-        elif field in values:
-            where = f"{values[field].where}: {field.replace('_', '-')}"
+            raw, where = os.environ[env], f"environment {env}"
+        elif name in values:
+            raw, where = values[name].text, f"{values[name].where}: {name.replace('_', '-')}"
         else:
-            where = field or "settings"
-        raise ConfigError(where, error["msg"].removeprefix("Value error, ")) from None
-    finally:
-        _file_values.reset(token)
+            continue
+        try:
+            chosen[name], origin[name] = _convert(name, raw), where
+        except ValueError as exc:
+            raise ConfigError(where, str(exc)) from None
+    chosen["config"] = path if path.is_file() else None
+    try:
+        return Settings(**chosen)
+    except FieldError as exc:
+        raise ConfigError(origin.get(exc.name, exc.name.replace("_", "-")), str(exc)) from None

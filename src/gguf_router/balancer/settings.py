@@ -59,7 +59,8 @@ def load(path: Path = DEFAULT_PATH) -> BalancerSettings:
     options, hosts = sections.get("balancer", {}), sections.get("hosts", {})
     for section in set(sections) - {"balancer", "hosts"}:
         first = next(iter(sections[section].values()), None)
-        raise ConfigError(first.where if first else str(path), f"unknown section [{section}]: use [balancer] and [hosts]")
+        raise ConfigError(first.where if first else str(path),
+                          f"unknown section [{section}]: use [balancer] and [hosts]")
     if not hosts:
         raise ConfigError(str(path), "no [hosts]: list each router as NAME = http://ADDRESS:PORT")
     given: dict = {}
@@ -78,7 +79,8 @@ def load(path: Path = DEFAULT_PATH) -> BalancerSettings:
                 try:
                     given["check_interval_ms"] = max(100, int(float(value.text) * 1000))
                 except ValueError as exc:
-                    raise ConfigError(value.where, f"check-interval = {value.text!r} is not a number of seconds") from exc
+                    raise ConfigError(value.where,
+                                      f"check-interval = {value.text!r} is not a number of seconds") from exc
             case _:
                 raise ConfigError(value.where, f"unknown option {key!r} in [balancer]")
     return BalancerSettings(hosts=tuple(_host(name, value) for name, value in hosts.items()), source=path, **given)

@@ -7,15 +7,20 @@ scheduler never knows whether it is a plain process or a systemd unit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import select
+import threading
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Protocol, TypeVar
 
 from .cgroup import MemoryUse
 
+
+T = TypeVar("T")
 
 # Variables meant for the router alone: a child (or systemd-run) must not answer systemd in its name.
 ROUTER_ONLY_ENV = frozenset({"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC",
@@ -62,23 +67,51 @@ async def answers_health(socket: Path, timeout: float) -> bool:
     return status == 200
 
 
+def in_thread(blocking: Callable[[], T], name: str) -> asyncio.Future[T]:
+    """Runs a blocking wait (a child's exit, its output) in a thread of its own: such a wait
+    lasts as long as the child, and a few of them would starve asyncio's default thread pool."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result, error) -> None:
+        if future.done():  # its awaiter was cancelled
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        result, error = None, None
+        try:
+            result = blocking()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever awaits the future
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the router is exiting
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
+
+
 async def process_gone(pid: int) -> None:
-    """Returns once `pid` has exited (a pidfd becoming readable), without polling; its parent
-    still reaps it."""
+    """Returns once `pid` has exited, without polling; its parent still reaps it. A thread blocks
+    on the pidfd: watched from the event loop instead, uvloop can mistake the closed pidfd's
+    number for the next socket that reuses it."""
     if pid <= 0:
         return
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
-    loop = asyncio.get_running_loop()
-    gone = loop.create_future()
-    loop.add_reader(fd, lambda: gone.done() or gone.set_result(None))
-    try:
-        await gone
-    finally:
-        loop.remove_reader(fd)
-        os.close(fd)
+
+    def wait() -> None:
+        try:
+            select.select([fd], [], [])
+        finally:
+            os.close(fd)
+
+    await in_thread(wait, f"wait-{pid}")
 
 
 class LaunchError(Exception):
