@@ -27,6 +27,7 @@ class Follower:
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._on_change = on_change
         self._stale = asyncio.Event()
+        self._said_unreachable = False  # once per outage, the first attempt included
 
     async def run(self) -> None:
         while True:
@@ -35,8 +36,11 @@ class Follower:
                 reason = "its event stream ended"
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
                 reason = str(exc) or type(exc).__name__
+            if not self._said_unreachable:
+                log.warning("host %s (%s) unreachable: %s; trying again every %.0f s", self.host.name,
+                            self.host.url, reason, RETRY_SECONDS)
+                self._said_unreachable = True
             if self.models.reachable:
-                log.warning("host %s (%s) unreachable: %s", self.host.name, self.host.url, reason)
                 self.models.reachable = False
                 self._on_change()
             await asyncio.sleep(RETRY_SECONDS)
@@ -73,5 +77,6 @@ class Follower:
                 entries = (await reply.json()).get("data", [])
             if not self.models.reachable:
                 log.info("host %s (%s) reachable: %d models", self.host.name, self.host.url, len(entries))
+                self._said_unreachable = False
             self.models.entries, self.models.reachable = entries, True
             self._on_change()
