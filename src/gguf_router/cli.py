@@ -162,11 +162,12 @@ def balancer(command: str, argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog=f"gguf-router {command}", allow_abbrev=False)
     p.add_argument("--config", type=Path, default=balancer_settings.DEFAULT_PATH,
                    help="[balancer] options and [hosts] (default %(default)s)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="info", type=str.lower, choices=("debug", "info", "warning", "error"))
     args = p.parse_args(argv)
     try:
         settings = balancer_settings.load(args.config)
-        settings.api_keys()
+        if command == "haproxy-sync":
+            settings.api_keys()  # readable now, rather than at the first host it follows
     except ConfigError as exc:
         fail(str(exc))
     if command == "haproxy-config":
@@ -176,7 +177,7 @@ def balancer(command: str, argv: list[str]) -> None:
         return
     from .balancer.sync import main as sync
 
-    setup_logging(Settings(log_level=args.log_level.upper()))
+    setup_logging(Settings(log_level=args.log_level))
     sync(settings)
 
 
