@@ -61,6 +61,14 @@ def read_ini(path: Path) -> dict[str, dict[str, Value]]:
     return sections
 
 
+def expect_sections(sections: dict[str, dict[str, Value]], allowed: set[str], path: Path, hint: str) -> None:
+    """A ConfigError at the first section (in file order) not in `allowed`, saying `hint`."""
+    for section, entries in sections.items():
+        if section not in allowed:
+            first = next(iter(entries.values()), None)
+            raise ConfigError(first.where if first else str(path), f"unknown section [{section}]: {hint}")
+
+
 TRUE = frozenset({"true", "1", "on", "yes", "enabled"})
 FALSE = frozenset({"false", "0", "off", "no", "disabled"})
 

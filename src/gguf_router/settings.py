@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .ini import FALSE, TRUE, ConfigError, Value, read_ini
+from .ini import FALSE, TRUE, ConfigError, Value, expect_sections, read_ini
 from .sizes import parse_size
 
 ETC_DIR = Path("/etc/gguf-router")
@@ -227,17 +227,13 @@ def _convert(name: str, raw: Any) -> Any:
 def read_config_file(path: Path) -> dict[str, Value]:
     sections = read_ini(path)
     values: dict[str, Value] = {}
-    for section, entries in sections.items():
-        if section != "router":
-            first = next(iter(entries.values()), None)
-            where = first.where if first else str(path)
-            raise ConfigError(where, f"unknown section [{section}]: the router's settings go in [router]")
-        for key, value in entries.items():
-            name = key.replace("-", "_")
-            if name not in FILE_KEYS:
-                raise ConfigError(value.where, f"unknown key {key!r} in [router]; known keys: "
-                                  + ", ".join(sorted(k.replace("_", "-") for k in FILE_KEYS)))
-            values[name] = value
+    expect_sections(sections, {"router"}, path, "the router's settings go in [router]")
+    for key, value in sections.get("router", {}).items():
+        name = key.replace("-", "_")
+        if name not in FILE_KEYS:
+            raise ConfigError(value.where, f"unknown key {key!r} in [router]; known keys: "
+                              + ", ".join(sorted(k.replace("_", "-") for k in FILE_KEYS)))
+        values[name] = value
     return values
 
 

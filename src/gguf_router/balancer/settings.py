@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..ini import ConfigError, Value, read_ini
+from ..ini import ConfigError, Value, expect_sections, read_ini
 from ..settings import keys_in
 from ..sizes import parse_size
 
@@ -57,10 +57,7 @@ def _host(name: str, value: Value) -> Host:
 def load(path: Path = DEFAULT_PATH) -> BalancerSettings:
     sections = read_ini(path)
     options, hosts = sections.get("balancer", {}), sections.get("hosts", {})
-    for section in set(sections) - {"balancer", "hosts"}:
-        first = next(iter(sections[section].values()), None)
-        raise ConfigError(first.where if first else str(path),
-                          f"unknown section [{section}]: use [balancer] and [hosts]")
+    expect_sections(sections, {"balancer", "hosts"}, path, "use [balancer] and [hosts]")
     if not hosts:
         raise ConfigError(str(path), "no [hosts]: list each router as NAME = http://ADDRESS:PORT")
     given: dict = {}
