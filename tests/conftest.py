@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import ssl
@@ -175,8 +176,9 @@ class RouterProcess:
         self._log.close()
 
 
-@pytest.fixture
-def start_router(llama_server, models_dir, tmp_path):
+@contextlib.contextmanager
+def routers_started(llama_server: Path, models_dir: Path, tmp_path: Path):
+    """A `start(*args, models=, env=, ca=, host=)` for routers that all stop at the end (any fixture scope)."""
     routers: list[RouterProcess] = []
 
     def start(*args: str, models: Path | None = None, env: dict | None = None, ca: Path | None = None,
@@ -198,9 +200,17 @@ def start_router(llama_server, models_dir, tmp_path):
         routers.append(router)
         return router
 
-    yield start
-    for router in routers:
-        router.stop()
+    try:
+        yield start
+    finally:
+        for router in routers:
+            router.stop()
+
+
+@pytest.fixture
+def start_router(llama_server, models_dir, tmp_path):
+    with routers_started(llama_server, models_dir, tmp_path) as start:
+        yield start
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import TINY_CONTEXT, chat, free_port, long_completion
+from conftest import TINY_CONTEXT, chat, free_port, long_completion, routers_started
 from gguf_router.tinymodels import write_tiny_model
 from waiting import wait_for
 
@@ -44,7 +44,7 @@ class Cluster:
                     shutil.copy(source, folder)
                 else:
                     write_tiny_model(folder / f"{model}.gguf", seed=7, context_length=TINY_CONTEXT)
-            self.hosts[name] = start_router("--models-dir", str(folder), "--api-key", KEY, "-c", "8192", "-np", "1",
+            self.hosts[name] = start_router("--api-key", KEY, "-c", "8192", "-np", "1", models=folder,
                                             host=ADDRESSES[name])
             self.hosts[name].http.headers.update(AUTH)
         self.port = free_port()
@@ -111,25 +111,11 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, llama_server, models_dir):
     """One cluster for the tests that leave every host running."""
-    from conftest import RouterProcess
-
     tmp = tmp_path_factory.mktemp("balancer")
-    routers: list[RouterProcess] = []
-
-    def start_router(*args, host):
-        router = RouterProcess(["--llama-server", str(llama_server), "--config", str(tmp / "empty.conf"),
-                                "--models-preset", str(tmp / "empty.ini"), "--state-dir", str(tmp / f"state{len(routers)}"),
-                                *args], tmp / f"router{len(routers)}.log", host=host)
-        routers.append(router)
-        return router
-
-    (tmp / "empty.conf").touch()
-    (tmp / "empty.ini").touch()
-    cluster = Cluster(start_router, models_dir, tmp)
-    yield cluster
-    cluster.stop()
-    for router in routers:
-        router.stop()
+    with routers_started(llama_server, models_dir, tmp) as start_router:
+        cluster = Cluster(start_router, models_dir, tmp)
+        yield cluster
+        cluster.stop()
 
 
 def test_each_request_goes_to_a_host_that_has_its_model(cluster):
