@@ -56,6 +56,31 @@ def test_removing_a_quant_keeps_the_others_and_their_blobs(tmp_path):
     assert hfcache.remove(tmp_path, "u/r") and not repo.exists()  # no tag: the whole repo
 
 
+def test_removing_a_model_never_deletes_what_a_link_out_of_the_cache_points_at(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "m-Q8_0.gguf").write_bytes(b"GGUF")  # a model file kept elsewhere, linked into the cache
+    (shared / "other").mkdir()
+    (shared / "other" / "m-F16.gguf").write_bytes(b"GGUF")
+    cache = tmp_path / "hub"
+    repo, snap = cached_repo(cache, "u/r", "m-Q4_0.gguf", blobs=True)
+    (snap / "m-Q8_0.gguf").symlink_to(shared / "m-Q8_0.gguf")
+    assert hfcache.remove(cache, "u/r:Q8_0")
+    assert not (snap / "m-Q8_0.gguf").exists() and (shared / "m-Q8_0.gguf").read_bytes() == b"GGUF"
+    # a repo folder that is itself a link: the link goes, never the folder it points at
+    (cache / "models--u--linked").symlink_to(shared)
+    assert hfcache.remove(cache, "u/linked") and (shared / "other" / "m-F16.gguf").exists()
+    # a snapshot folder linked out of the cache: its files are not the cache's to delete
+    linked, _ = cached_repo(cache, "u/snap")
+    (linked / "snapshots" / COMMIT).rmdir()
+    (linked / "snapshots" / COMMIT).symlink_to(shared / "other")
+    assert [m for m, _, _ in hfcache.cached_models(cache) if m.startswith("u/snap")] == ["u/snap:F16"]
+    assert not hfcache.remove(cache, "u/snap:F16") and (shared / "other" / "m-F16.gguf").exists()
+    # the whole repo: rmtree removes the links inside and leaves their targets
+    (snap / "m-Q8_0.gguf").symlink_to(shared / "m-Q8_0.gguf")
+    assert hfcache.remove(cache, "u/r") and not repo.exists() and (shared / "m-Q8_0.gguf").exists()
+
+
 def catalog(tmp_path, llama_server, preset_text: str):
     cache = tmp_path / "hub"
     cached_repo(cache, "u/main", "main-Q4_K_M.gguf")

@@ -78,6 +78,9 @@ def test_a_named_config_file_must_exist(tmp_path):
     (["--log-level", "loud"], "--log-level", "unknown log level"),
     (["--max-body", "huge"], "--max-body", "not a size"),
     (["--tls-cert-file", "/etc/cert.pem"], "tls-key-file", "set both or neither"),
+    # `--api-key "$UNSET"`: a blank key would leave the router open without a word
+    (["--api-key", ""], "--api-keys", "a key is empty"),
+    (["--api-key", "k1", "--admin-api-key", " "], "--admin-api-keys", "a key is empty"),
 ])
 def test_bad_command_line_values_are_refused_by_name(argv, where, message):
     with pytest.raises(ConfigError) as caught:
@@ -89,6 +92,8 @@ def test_bad_command_line_values_are_refused_by_name(argv, where, message):
     ("GGUF_ROUTER_STOP_TIMEOUT", "0", "give a number above 0"),
     ("GGUF_ROUTER_MODELS_AUTOLOAD", "maybe", "not a boolean"),
     ("GGUF_ROUTER_LAUNCHER", "docker", "unknown launcher"),
+    ("GGUF_ROUTER_API_KEYS", "", "a key is empty"),
+    ("GGUF_ROUTER_API_KEYS", "k1,,k2", "a key is empty"),
 ])
 def test_bad_environment_values_name_the_variable(monkeypatch, var, value, message):
     monkeypatch.setenv(var, value)

@@ -263,3 +263,49 @@ def test_systemd_analyze_security_of_the_router_and_a_model_unit(container, llam
     print(f"\nsystemd-analyze security: {scores}\n--- gguf-router.service\n{router}\n--- {unit}\n{model}")
     assert scores["gguf-router.service"] < 3.0  # systemd's "OK" band and below
     assert scores["model unit"] < 5.0  # a user manager's units cannot drop capabilities or own /dev
+
+
+def test_hostile_names_and_odd_paths_stay_one_word_in_the_units(container, llama_server):
+    """Finding 7: a cache folder named to set LD_PRELOAD, a models dir whose path holds spaces,
+    quotes and `$`, a preset variable with a space: each reaches its unit as what it is, or not at all."""
+    port = free_port()
+    c = container
+    hostile = c.share / "hf" / "models--u--r LD_PRELOAD=--DIR--x.so"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (hostile / "snapshots" / commit).mkdir(parents=True)
+    (hostile / "refs").mkdir()
+    (hostile / "refs" / "main").write_text(commit)
+    shutil.copy(c.share / "models" / "tiny-a.gguf", hostile / "snapshots" / commit / "m-Q8_0.gguf")
+    odd = '/tmp/odd models "q" ${HOME} $$x'
+    c.run("mkdir", "-p", odd)
+    c.run("cp", "/share/models/tiny-a.gguf", f"{odd}/tiny-odd.gguf")
+    c.run("cp", "/share/models/tiny-b.gguf", f"{odd}/${{HOME}}.gguf")
+    (c.share / "odd.conf").write_text(f"[router]\nmodels-dir = {odd}\nhf-cache = /share/hf\n")
+    (c.share / "presets.ini").write_text("[tiny-odd]\nenvironment = 'GREETING=hello world' OTHER=1\n")
+    # (the models dir from the file: a command line would have systemd expand its ${HOME})
+    argv = router_argv(llama_server, "--launcher", "systemd", "--host", "127.0.0.1", "--port", str(port),
+                       "--models-max", "0", "--config", "/share/odd.conf").replace("--models-dir /share/models ", "")
+    c.run("systemd-run", "--unit=gguf-router-test", "-p", "Type=notify", "-p", "RuntimeDirectory=gguf-router",
+          *argv.split())
+    bad = "u/r LD_PRELOAD=/DIR/x.so:Q8_0"
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+        listed = models(http)
+        assert listed[bad]["value"] == "invalid" and "whitespace" in listed[bad]["error"]
+        assert http.post("/v1/chat/completions", json=chat(bad)).status_code == 400
+        for model in ("tiny-odd", "${HOME}"):
+            reply = http.post("/v1/chat/completions", json=chat(model))
+            assert reply.status_code == 200, reply.text
+        units = c.run("systemctl", "list-units", "--plain", "--no-legend", "gguf-router-model-*").splitlines()
+        assert len(units) == 2 and not [u for u in units if "LD_PRELOAD" in u or "u-r" in u]
+        for unit in (u.split()[0] for u in units):
+            environment = c.run("systemctl", "show", unit, "-p", "Environment", "--value")
+            assert "LD_PRELOAD" not in environment and "GGUF_ROUTER_" not in environment
+            pid = c.run("systemctl", "show", unit, "-p", "MainPID", "--value").strip()
+            environ = c.run("cat", f"/proc/{pid}/environ").split("\0")
+            argv = c.run("cat", f"/proc/{pid}/cmdline").split("\0")
+            assert not [v for v in environ if v.startswith(("LD_PRELOAD=", "GGUF_ROUTER_"))]
+            if "tiny-odd" in unit:
+                assert "GREETING=hello world" in environ and "OTHER=1" in environ
+                assert f"{odd}/tiny-odd.gguf" in argv  # the path as it is: no variable expanded
+            else:
+                assert "${HOME}" in argv and f"{odd}/${{HOME}}.gguf" in argv

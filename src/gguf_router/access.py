@@ -1,31 +1,66 @@
-"""Who may do what: API keys for inference, admin keys for managing models, and CORS.
+"""Who may call what, checked on the route Sanic matched, before a byte of the body is read.
 
-- Without keys everything is open (the default on 127.0.0.1).
-- With API keys, every endpoint but /health and the page needs one.
-- With admin keys, managing models (load, unload, reload, logs, slot files) needs an admin key,
-  and the API keys only run inference; an admin key is accepted everywhere.
-- Keys are compared in constant time, every configured key each time.
-- Browsers may call the API from other origins only when `--cors-origin` names them.
+Every route declares the level it needs where it is added (`parse.add_routes(..., access=)`): a
+Level, or a function of the request for the few whose level depends on it (`?reload=1`). The
+check (`guard`) runs right after routing, so whatever spelling of a path Sanic accepts
+(`/models/load/`) meets the level of the handler it reaches; a route without a level stops the
+router at start (`check_routes`).
+
+Callers, by the key they give:
+- no keys configured: everyone may do everything (the default on 127.0.0.1), but only for the
+  Host names the router serves (DNS rebinding: a web page must not reach it by another name);
+- an admin key: everything; an API key: inference (and everything when no admin keys are set);
+- no key, or a wrong one: only public routes, or inference too when only admin keys are set.
+Keys are compared in constant time, every configured key each time.
+
+Browsers: POST bodies must say they are JSON (or multipart where files are taken), so a page on
+another origin cannot send one without a CORS preflight, which only `--cors-origin` answers.
 """
 
 from __future__ import annotations
 
+import enum
+import hashlib
 import hmac
+import ipaddress
+import socket
+from collections.abc import Callable
 
 from sanic import Request
 from sanic.response import empty
 
-from .errors import RouterError
-
-PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/"})
-MANAGEMENT_PATHS = frozenset({"/models/load", "/models/unload", "/models/reload", "/models/logs"})
+from .errors import RouterError, shown
+from .parse import asks_reload, autoload
 
 
-def _managing(request: Request) -> bool:
-    path = request.path
-    return (path in MANAGEMENT_PATHS or (request.method == "POST" and path.startswith("/slots/"))
-            or (path in ("/models", "/v1/models")
-                and (request.method in ("DELETE", "POST") or request.args.get("reload") in ("1", "true"))))
+class Level(enum.IntEnum):
+    PUBLIC = 0  # /health, the page: no key ever
+    READ = 1  # the model list, props, metrics, events
+    INFERENCE = 2  # what a model answers
+    ADMIN = 3  # loading, unloading, reloading, logs, deleting; a shared child's global settings
+
+
+Access = Level | Callable[[Request], Level]
+
+# A refused request's body (no key, a wrong one ...) is read only to be dropped, and only this
+# much of it: past it the connection is closed instead.
+REFUSED_BODY = 64 * 1024
+
+
+def admin_if_reloading(request: Request) -> Level:
+    """GET /models lists (read); with ?reload= it rereads the config (admin)."""
+    return Level.ADMIN if asks_reload(request) else Level.READ
+
+
+def inference(request: Request) -> Level:
+    """A routed endpoint: inference; but loading a model the router would not load on its own
+    (`?autoload=true` under --no-models-autoload) is managing models."""
+    if request.app.ctx.router.settings.models_autoload or request.args.get("autoload") is None:
+        return Level.INFERENCE
+    try:
+        return Level.ADMIN if autoload(request) else Level.INFERENCE
+    except RouterError:
+        return Level.INFERENCE  # the handler tells a bad value, to whoever may call it
 
 
 def given_key(request: Request) -> str:
@@ -40,21 +75,122 @@ def keys_match(given: str, keys: tuple[str, ...]) -> bool:
     return matched
 
 
-def check_key(request: Request):
-    router = request.app.ctx.router
-    # The page itself holds nothing secret; what it fetches from the API asks for the key.
-    if request.path in PUBLIC_PATHS or request.path.startswith("/ui/") or request.method == "OPTIONS":
-        return None
-    admin, keys = router.config.admin_keys, router.config.api_keys
-    if _managing(request):
-        needed = admin or keys
-        if needed and not keys_match(given_key(request), needed):
-            raise RouterError(403 if admin and keys_match(given_key(request), keys) else 401,
-                              "managing models needs an admin key" if admin else "Invalid API Key",
-                              "permission_error" if admin else "authentication_error")
-    elif keys and not keys_match(given_key(request), keys + admin):
+def caller(request: Request) -> tuple[Level, str | None]:
+    """The level the request's key grants, and the API key's identity (a digest, never the key)
+    for its share of connections; None for an admin key, or when it gave no valid key."""
+    config = request.app.ctx.router.config
+    admin, keys = config.admin_keys, config.api_keys
+    if not admin and not keys:
+        return Level.ADMIN, None
+    given = given_key(request)
+    if given and admin and keys_match(given, admin):
+        return Level.ADMIN, None
+    if given and keys and keys_match(given, keys):
+        return (Level.INFERENCE if admin else Level.ADMIN), hashlib.sha256(given.encode()).hexdigest()[:16]
+    return (Level.PUBLIC if keys else Level.INFERENCE), None
+
+
+def needed(request: Request) -> Level:
+    access = request.route.ctx.access
+    return access if isinstance(access, Level) else access(request)
+
+
+def check_routes(app) -> None:
+    """Nothing is open by omission: every route must say who may call it."""
+    missing = sorted(route.uri for route in app.router.routes if not isinstance(getattr(route.ctx, "access", None),
+                                                                                 (Level, Callable)))
+    if missing:
+        raise RuntimeError(f"routes without an access level: {', '.join(missing)}")
+
+
+def _single_header(request: Request, name: str) -> None:
+    # The router would read the first, the child the last: one request, two meanings.
+    if len(request.headers.getall(name, [])) > 1:
+        raise RouterError(400, f"the request has more than one {name} header")
+
+
+def served_names(settings) -> frozenset[str]:
+    """Host names a keyless router answers for, beside IP addresses and localhost."""
+    names = {socket.gethostname().lower(), settings.host.lower(), *(n.lower() for n in settings.server_names)}
+    return frozenset(n for n in names if n)
+
+
+def _host_served(request: Request) -> bool:
+    host = request.headers.get("host")
+    if host is None:  # HTTP/1.0 clients (HAProxy's health checks): no browser sends no Host
+        return True
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]").rstrip(".").lower()
+    try:
+        ipaddress.ip_address(name)
+        return True  # a page reached by an address is not a page that rebound a name
+    except ValueError:
+        pass
+    names = served_names(request.app.ctx.router.settings)
+    return name == "localhost" or name.endswith(".localhost") or name in names or "*" in names
+
+
+def beyond_loopback(host: str) -> bool:
+    """Whether a listening address is reachable from other machines ("" listens everywhere)."""
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # "", or a name: whatever it resolves to
+
+
+def _body_kind(request: Request) -> None:
+    """A body must be labelled JSON (multipart where the route takes files): the labels a page on
+    another origin can send without asking first (text/plain, forms) are refused."""
+    if not request.headers.get("content-length", "0").strip("0") and "transfer-encoding" not in request.headers:
+        return  # no body (POST /models/reload)
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if kind == "application/json" or kind.endswith("+json"):
+        return
+    if kind == "multipart/form-data" and getattr(request.route.ctx, "files", False):
+        return
+    takes = "application/json or multipart/form-data" if getattr(request.route.ctx, "files", False) else "application/json"
+    raise RouterError(415, f"the request body must be sent as {takes}, not {kind or 'unlabelled'} "
+                           "(curl: -H 'Content-Type: application/json', or --json)")
+
+
+async def guard(request: Request, **_) -> None:
+    """Sanic's http.routing.after signal: the route is known, the body not yet read. A refused
+    request's body is not read past a small cap, and its connection is closed after the answer."""
+    try:
+        _check(request)
+    except RouterError:
+        if request.stream is not None:
+            request.stream.request_max_size = REFUSED_BODY
+            request.stream.keep_alive = False
+        raise
+
+
+def _check(request: Request) -> None:
+    for name in ("content-type", "content-length"):
+        _single_header(request, name)
+    level = needed(request)
+    granted, key_id = caller(request)
+    if level is Level.PUBLIC:
+        request.ctx.level = granted
+        return
+    config = request.app.ctx.router.config
+    if not config.api_keys and not _host_served(request):
+        raise RouterError(421, f"this router does not serve the host name '{shown(request.headers.get('host', ''))}'; "
+                               "add it with --server-name (or set an API key)")
+    if granted < level:
+        if key_id is not None:  # a valid inference key, short of admin
+            raise RouterError(403, "managing models needs an admin key", "permission_error")
         raise RouterError(401, "Invalid API Key", "authentication_error")
-    return None
+    # The operators, who the reserve of connections is kept for and whose share is not counted:
+    # those who gave an admin key (without admin keys, everyone is admin, and nobody is that).
+    operator = granted is Level.ADMIN and key_id is None and bool(config.admin_keys)
+    protocol = getattr(request.stream, "protocol", None)  # None in-process (ASGI)
+    request.app.ctx.shares.admit(protocol, getattr(protocol, "connections", ()), key_id, operator)
+    if request.method == "POST":
+        _body_kind(request)
+    request.ctx.level = granted  # what the handler may show this caller (api.model_entry)
 
 
 def _allowed_origin(request: Request) -> str | None:
@@ -70,12 +206,13 @@ def cors_preflight(request: Request):
     if request.method == "OPTIONS" and (origin := _allowed_origin(request)):
         return empty(204, headers={
             "Access-Control-Allow-Origin": origin, "Vary": "Origin", "Access-Control-Max-Age": "600",
-            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
             "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Api-Key"})
     return None
 
 
 def cors_headers(request: Request, response) -> None:
+    # A child's own Access-Control-* never reach here (proxy.py drops them): this is the only say.
     if origin := _allowed_origin(request):
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Vary"] = "Origin"

@@ -11,12 +11,13 @@ from sanic import Blueprint, Request
 from sanic.response import JSONResponse, json as json_response, raw
 
 from . import __version__
+from .access import Level, admin_if_reloading
 from .errors import RouterError
 from .ini import ConfigError
 from .llama_options import build_info
 from .metrics import render as render_metrics
 from .model import HOLDS_SLOT, Model, ModelState, Plan
-from .parse import add_routes, json_body, model_field, query_model
+from .parse import add_routes, asks_reload, json_body, model_field, query_model
 from .routing import serve
 
 bp = Blueprint("api")
@@ -36,9 +37,13 @@ def memory_status(model: Model, floor: int) -> dict:
     return status
 
 
-def model_entry(model: Model, scheduler) -> dict:
+def model_entry(model: Model, scheduler, admin: bool) -> dict:
+    """`admin`: with what only admins see (its command line and preset, which may hold secrets
+    such as --hf-token, and its log); others see the model, its state and its memory."""
     file = model.file
-    status: dict = {"value": model.state.value, "args": list(model.argv), "preset": model.config.preset_text}
+    status: dict = {"value": model.state.value}
+    if admin:
+        status.update(args=list(model.argv), preset=model.config.preset_text)
     if model.waiters or model.plan is Plan.QUEUED:
         # Requests waiting for it to load, and its place in the queue for a slot (1 = next).
         status["queue"] = {"waiting": model.waiters, "position": scheduler.queue_position(model)}
@@ -51,7 +56,9 @@ def model_entry(model: Model, scheduler) -> dict:
     elif model.state is ModelState.UNLOADED and model.last_exit and model.last_exit.failed:
         last = model.last_exit
         status.update(exit_code=last.code, failed=True, error=model.failure or last.reason,
-                      crashes=len(model.crashes), log_tail=list(last.log_tail))
+                      crashes=len(model.crashes))
+        if admin:
+            status["log_tail"] = list(last.log_tail)
         if model.restart_at is not None:
             status["restart_in"] = round(max(model.restart_at - time.time(), 0.0), 1)
     if model.state is ModelState.LOADED:
@@ -93,18 +100,23 @@ async def health(request: Request) -> JSONResponse:
 
 async def list_models(request: Request) -> JSONResponse:
     router = request.app.ctx.router
-    if request.args.get("reload") in ("1", "true"):
+    if asks_reload(request):
         await reload_router(router)
     models = sorted((m for m in router.scheduler.models.values() if not m.removed and not m.config.hidden),
                     key=lambda m: m.id)
-    return json_response({"data": [model_entry(m, router.scheduler) for m in models], "object": "list"})
+    admin = request.ctx.level is Level.ADMIN
+    return json_response({"data": [model_entry(m, router.scheduler, admin) for m in models], "object": "list"})
 
 
 async def model_events(request: Request):
     """llama.cpp's live event stream. The headers and a first comment go out at once, so a client
     (a browser's EventSource) knows it is subscribed before any event; a comment every 15 s keeps
     idle connections open."""
-    events = request.app.ctx.router.events.subscribe()
+    router, limit = request.app.ctx.router, request.app.ctx.shares.subscribers
+    if router.events.subscribers >= limit:
+        raise RouterError(503, f"too many /models/sse subscribers ({limit}, a quarter of --max-connections); "
+                               "try again later", headers={"Retry-After": "5"})
+    events = router.events.subscribe()
     next_event = None
     try:
         response = await request.respond(content_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -206,14 +218,14 @@ async def metrics(request: Request):
     return raw(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-add_routes(bp, health, "GET", "/health", "/v1/health")
-add_routes(bp, props, "GET", "/props")
-add_routes(bp, metrics, "GET", "/metrics")
-add_routes(bp, list_models, "GET", "/models", "/v1/models")
-add_routes(bp, load_model, "POST", "/models/load")
-add_routes(bp, unload_model, "POST", "/models/unload")
-add_routes(bp, reload_models, "POST", "/models/reload")
-add_routes(bp, model_events, "GET", "/models/sse")
-add_routes(bp, remove_model, "DELETE", "/models", "/v1/models")
-add_routes(bp, download_model, "POST", "/models", "/v1/models")
-add_routes(bp, model_logs, "GET", "/models/logs")
+add_routes(bp, health, "GET", "/health", "/v1/health", access=Level.PUBLIC)
+add_routes(bp, props, "GET", "/props", access=Level.READ)
+add_routes(bp, metrics, "GET", "/metrics", access=Level.READ)
+add_routes(bp, list_models, "GET", "/models", "/v1/models", access=admin_if_reloading)
+add_routes(bp, model_events, "GET", "/models/sse", access=Level.READ)
+add_routes(bp, load_model, "POST", "/models/load", access=Level.ADMIN)
+add_routes(bp, unload_model, "POST", "/models/unload", access=Level.ADMIN)
+add_routes(bp, reload_models, "POST", "/models/reload", access=Level.ADMIN)
+add_routes(bp, remove_model, "DELETE", "/models", "/v1/models", access=Level.ADMIN)
+add_routes(bp, download_model, "POST", "/models", "/v1/models", access=Level.ADMIN)
+add_routes(bp, model_logs, "GET", "/models/logs", access=Level.ADMIN)

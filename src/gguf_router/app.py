@@ -14,21 +14,26 @@ from typing import Callable
 from sanic import Request, Sanic
 from sanic.exceptions import PayloadTooLarge, RequestTimeout, SanicException
 from sanic.handlers import ErrorHandler
+from sanic.helpers import STATUS_CODES
 from sanic.http import Stage
 from sanic.server.protocols.http_protocol import HttpProtocol
 from sanic.response import file, json as json_response
 
 from . import api, routing
-from .access import PUBLIC_PATHS, check_key, cors_headers, cors_preflight
-from .errors import RouterError
+from .access import Level, check_routes, cors_headers, cors_preflight, guard, needed
+from .errors import RouterError, shown
 from .metrics import count_request
 from .sizes import parse_size, size_text
 from .router import Router
 from .settings import Settings
+from .shares import Shares
 
 log = logging.getLogger(__name__)
 
 WEB = Path(__file__).parent / "web"  # the page at /: static files, no build step
+
+# Sanic's table of reason phrases lacks the one a keyless router answers other host names with.
+STATUS_CODES.setdefault(421, b"Misdirected Request")
 
 
 class OpenAIErrorHandler(ErrorHandler):
@@ -59,14 +64,18 @@ class GuardedProtocol(HttpProtocol):
     - Sanic's REQUEST_TIMEOUT ends when a request's headers are in, and each byte that arrives
       restarts its clock, so headers or a body trickled in a byte at a time would hold a
       connection for ever: here the whole request must arrive within the timeout;
-    - past `--max-connections` open connections, a new one gets a 503 and is closed at once."""
+    - a new connection past the router's, or its address's, share of connections (shares.py)
+      gets a 503 and is closed at once."""
 
-    __slots__ = ("_began", "_refused", "_accepted")
+    __slots__ = ("_began", "_refused", "_accepted", "peer", "in_reserve", "key_id")
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._began = self._accepted = time.monotonic()
         self._refused = False
+        self.peer: str | None = None  # the client's address (None on a unix socket)
+        self.in_reserve = False  # accepted into the connections kept for /health and admin keys
+        self.key_id: str | None = None  # the API key its last request gave, for that key's share
 
     def close_if_idle(self) -> bool:
         """Sanic calls this on every connection once, as it stops, and closes the idle ones; but one
@@ -84,15 +93,18 @@ class GuardedProtocol(HttpProtocol):
         return False
 
     def connection_made(self, transport) -> None:
-        limit = self.app.config.MAX_CONNECTIONS
-        if len(self.connections) >= limit:
+        shares: Shares = self.app.ctx.shares
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else None
+        if reason := shares.refusal([c.peer for c in self.connections], self.peer):
             self._refused = True
-            error = RouterError(503, f"too many open connections (--max-connections {limit}); try again later")
+            error = RouterError(503, reason)
             body = json.dumps(error.body()).encode()
             transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                             b"Retry-After: 5\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             transport.close()
             return
+        self.in_reserve = shares.in_reserve(len(self.connections))
         super().connection_made(transport)
 
     def connection_lost(self, exc) -> None:
@@ -109,8 +121,14 @@ class GuardedProtocol(HttpProtocol):
 
     def check_timeouts(self) -> None:
         http = getattr(self, "_http", None)
+        late = time.monotonic() - self._began > self.request_timeout
+        if late and http is not None and http.stage is Stage.IDLE and http.request_body:
+            # The rest of a refused request's body, read only to be dropped (access.guard): it
+            # gets no answer, it is late, and the connection ends.
+            self.close()
+            return
         arriving = http is not None and (http.stage is Stage.REQUEST or (http.stage is Stage.HANDLER and http.request_body))
-        if self._task and arriving and time.monotonic() - self._began > self.request_timeout:
+        if self._task and arriving and late:
             http.exception = RequestTimeout("the request did not arrive within the request timeout")
             http.request_body = None  # what is left of it is not waited for: answer 408, then close
             self._task.cancel()
@@ -120,9 +138,9 @@ class GuardedProtocol(HttpProtocol):
 
 async def wait_for_models(request: Request) -> None:
     """Until the router has read its models (right after it starts serving), a request that
-    needs them waits; /health and the page do not."""
+    needs them waits; /health and the page do not, nor a request refused before its handler."""
     started = request.app.ctx.router.started
-    if not started.is_set() and request.path not in PUBLIC_PATHS and not request.path.startswith("/ui/"):
+    if not started.is_set() and hasattr(request.ctx, "level") and needed(request) is not Level.PUBLIC:
         await started.wait()
 
 
@@ -133,7 +151,7 @@ async def page(request: Request, name: str = "index.html"):
     """The web page's files, by name: nothing else under /ui/ exists."""
     path = PAGE_FILES.get(name)
     if path is None:
-        raise RouterError(404, f"no page file {name!r}")
+        raise RouterError(404, f"no page file '{shown(name)}'")
     return await file(path, headers={"Cache-Control": "no-cache"})
 
 
@@ -146,12 +164,13 @@ def create_app(settings: Settings, reload_settings: Callable[[], Settings] | Non
     app.config.NOISY_EXCEPTIONS = False
     app.config.REQUEST_MAX_SIZE = parse_size(settings.max_body)
     app.config.REQUEST_TIMEOUT = settings.request_timeout
-    app.config.MAX_CONNECTIONS = settings.max_connections
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.drain_timeout
     app.ctx.router = Router(settings, reload_settings)
     app.ctx.request_counts = collections.Counter()  # (model, endpoint, status) -> answered, for /metrics
+    app.ctx.shares = Shares.of(settings)
+    # Keys, Host names, shares and body labels: checked on the matched route, before the body.
+    app.signal("http.routing.after")(guard)
     app.on_request(cors_preflight)
-    app.on_request(check_key)
     app.on_request(wait_for_models)
     app.on_response(count_request)
     app.on_response(cors_headers)
@@ -159,8 +178,9 @@ def create_app(settings: Settings, reload_settings: Callable[[], Settings] | Non
     app.blueprint(routing.bp)
     # Two routes of ours rather than app.static: Sanic reads a static handler's source to guess its
     # error format, 20 ms of start-up; the page is three known files anyway.
-    app.add_route(page, "/", name="page", error_format="json")
-    app.add_route(page, "/ui/<name:str>", name="page_files", error_format="json")
+    app.add_route(page, "/", name="page", error_format="json", ctx_access=Level.PUBLIC)
+    app.add_route(page, "/ui/<name:str>", name="page_files", error_format="json", ctx_access=Level.PUBLIC)
+    check_routes(app)
 
     # Serving starts before the models are read: /health answers at once, and requests that need
     # the model list wait for it (wait_for_models), a few milliseconds more.

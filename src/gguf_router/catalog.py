@@ -151,7 +151,7 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
             stop_timeout=router.get("stop-timeout", settings.stop_timeout),
             environment=router.get("environment", ()),
             limits={prop: router[key] for key, prop in UNIT_LIMITS.items() if key in router},
-            devices=router.get("devices", ()))
+            devices=router.get("devices", ()), network="--rpc" in effective.options)
         models[model_id] = ModelConfig(
             file=file, launch=launch, aliases=router.get("alias", ()),
             load_on_startup=router.get("load-on-startup", False),

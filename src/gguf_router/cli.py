@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-api-key-file", type=Path, help="file of admin keys, one per line")
     p.add_argument("--cors-origin", dest="cors_origins", action="append",
                    help="an origin browsers may call the API from (https://app.example); repeatable; none by default")
+    p.add_argument("--server-name", dest="server_names", action="append",
+                   help="a host name a router without API keys answers for, beside IP addresses, localhost and "
+                        "this machine's name (others get 421); repeatable; * for any")
     # llama-server's own names (--ssl-*) too: passed on to the children, they would break them.
     p.add_argument("--tls-cert-file", "--ssl-cert-file", dest="tls_cert_file", type=Path,
                    help="serve HTTPS with this PEM certificate (chain); with --tls-key-file")
@@ -66,6 +69,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body", help="largest request body (default 64M); larger ones get 413")
     p.add_argument("--max-connections", type=int,
                    help="open client connections at most; past it a new one gets 503 and is closed (default 1024)")
+    p.add_argument("--max-connections-per-client", type=int,
+                   help="of those, what one client address or one API key may hold (default 0: an eighth, at least 8)")
     p.add_argument("--drain-timeout", type=float,
                    help="on stop, seconds the requests in flight get to finish (default 20; keep it under the unit's TimeoutStopSec)")
     p.add_argument("--request-timeout", type=float,
@@ -88,7 +93,7 @@ def parse_command_line(argv: list[str]) -> dict:
     """The settings given on the command line, by field name; the rest goes to children."""
     args, child_args = parser().parse_known_args(argv)
     given = vars(args)
-    for repeated in ("api_keys", "admin_api_keys", "cors_origins"):
+    for repeated in ("api_keys", "admin_api_keys", "cors_origins", "server_names"):
         if repeated in given:
             given[repeated] = ",".join(given[repeated])
     if child_args:
@@ -100,10 +105,21 @@ def parse_settings(argv: list[str]) -> Settings:
     return load_settings(parse_command_line(argv))
 
 
+class OneLineFormatter(logging.Formatter):
+    """One line per event: a newline in a file name (or anything else logged) is shown escaped,
+    never read as a line of its own in the journal."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        from .errors import shown
+
+        record.message = shown(record.message, None)
+        return super().formatMessage(record)
+
+
 def setup_logging(settings: Settings) -> None:
     stamp = "%(asctime)s " if settings.log_timestamps else ""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{stamp}%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(OneLineFormatter(f"{stamp}%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
@@ -218,6 +234,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from sanic import Sanic
 
+    import socket
+
+    from .access import beyond_loopback
     from .app import GuardedProtocol, create_app
     from .systemd import listen_sockets
 
@@ -227,6 +246,12 @@ def main(argv: list[str] | None = None) -> None:
         app = create_app(settings, lambda: load_settings(given))
     except (ConfigError, LlamaServerError) as exc:
         fail(str(exc))
+    hosts = [sock.getsockname()[0] for sock in sockets if sock.family in (socket.AF_INET, socket.AF_INET6)] \
+        if sockets else [settings.host]
+    if not app.ctx.router.config.api_keys and any(map(beyond_loopback, hosts)):
+        log.warning("no API key is set and the router listens beyond this machine (%s): anyone who reaches the port "
+                    "may use and manage it; set api-key-file in %s", ", ".join(hosts) or "*",
+                    settings.config or "/etc/gguf-router/gguf-router.conf")
     run = dict(single_process=True, access_log=False, motd=False, protocol=GuardedProtocol,
                ssl=app.ctx.router.tls)
     scheme = "https" if app.ctx.router.tls else "http"

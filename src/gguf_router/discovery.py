@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import hfcache
+from .errors import shown
 from .ggufinfo import GGUFInfo, InvalidGGUF, read_info
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,15 @@ class ModelFile:
     info: GGUFInfo | None = None
     error: str | None = None  # why the file cannot be served; None when valid
     stamp: tuple[int, int] = (0, 0)  # size and mtime: a file replaced in place restarts its model
+
+
+def unusable_id(model_id: str) -> str | None:
+    """Why a model id (from a file or folder name, or a preset) cannot be served: whitespace and
+    control characters would be split, or read as more, on a command line or in a unit's properties."""
+    if any(c.isspace() or not c.isprintable() for c in model_id):
+        return (f"the model id '{shown(model_id)}' holds whitespace or control characters, which are not "
+                "served: rename the file or folder")
+    return None
 
 
 def _gguf_files(folder: Path) -> list[os.DirEntry]:
@@ -79,6 +89,8 @@ class Discovery:
 
     def describe(self, model_id: str, path: Path, source: str, mmproj: Path | None) -> ModelFile | None:
         """The file with its header read, or None while a new file is still settling."""
+        if why := unusable_id(model_id):
+            return self._reported_once(ModelFile(model_id, path, source, mmproj, None, why))
         stamp = (0, 0)
         try:
             st = path.stat()
@@ -103,10 +115,13 @@ class Discovery:
             _, info, error = cached
         except OSError as exc:
             info, error = None, str(exc)
-        if error and (path, error) not in self._reported:
-            self._reported.add((path, error))  # once per file and reason, not on every rescan
-            log.warning("model %s: %s is not a usable GGUF: %s", model_id, path, error)
-        return ModelFile(model_id, path, source, mmproj, info, error, stamp)
+        return self._reported_once(ModelFile(model_id, path, source, mmproj, info, error, stamp))
+
+    def _reported_once(self, file: ModelFile) -> ModelFile:
+        if file.error and (file.path, file.error) not in self._reported:
+            self._reported.add((file.path, file.error))  # once per file and reason, not on every rescan
+            log.warning("model %s: %s is not a usable GGUF: %s", shown(file.id), file.path, file.error)
+        return file
 
     @staticmethod
     def _scan_models_dir(root: Path):

@@ -8,6 +8,9 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
+    421: "invalid_request_error",
+    429: "rate_limit_error",
     431: "invalid_request_error",
     500: "server_error",
     501: "not_supported_error",
@@ -29,9 +32,16 @@ class RouterError(Exception):
         return {"error": {"message": self.message, "type": self.type, "code": self.status}}
 
 
+def shown(text: str, limit: int | None = 200) -> str:
+    """A name from outside (a request, a file name) as errors and logs show it: at most `limit`
+    characters, control characters escaped, so a reply stays small and a log line one line."""
+    visible = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text[:limit])
+    return visible + ("..." if limit is not None and len(text) > limit else "")
+
+
 def bad_request(message: str) -> RouterError:
     return RouterError(400, message)
 
 
 def model_not_found(model_id: str) -> RouterError:
-    return RouterError(400, f"model '{model_id}' not found")
+    return RouterError(400, f"model '{shown(model_id)}' not found")

@@ -25,6 +25,10 @@ class Events:
             except asyncio.QueueFull:
                 self._subscribers.discard(queue)  # its reader drains what is queued, then ends
 
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
     def subscribe(self) -> "Subscription":
         """Registered at once, so nothing published after this call is missed."""
         return Subscription(self._subscribers)

@@ -121,24 +121,36 @@ def resolve(root: Path, name: str, hf_file: str = "") -> tuple[Path, Path | None
 
 def remove(root: Path, model_id: str) -> bool:
     """Deletes a cached model's files (`user/repo:QUANT`: that quant's files and the blobs no
-    other file of the repo still links to; no tag: the whole repo). False if nothing was there."""
+    other file of the repo still links to; no tag: the whole repo). False if nothing was there.
+    Only what lies inside the repo's own folder of the cache is deleted: a link out of it (a
+    shared model file linked into the cache layout) is removed, never what it points at."""
     repo_id, tag = split_repo_tag(model_id)
     if not _REPO.match(repo_id):
         return False
     repo = repo_folder(root, repo_id)
     if not tag:
+        if repo.is_symlink():
+            repo.unlink()
+            return True
         if not repo.is_dir():
             return False
-        shutil.rmtree(repo)
+        shutil.rmtree(repo)  # it removes the links inside, never follows them
         return True
     snap = snapshot(repo)
     if snap is None:
         return False
+    own = repo.resolve()
+    if not own.is_relative_to(Path(root).resolve()):
+        own = None  # the repo folder is itself a link out of the cache: only links are removed
+    removed = False
     doomed = [p for p in _files(snap) if _tag(p)[0] == tag.upper()]
-    blobs = {(p.parent / os.readlink(p)).resolve() for p in doomed if p.is_symlink()}
+    blobs = {p.resolve() for p in doomed if p.is_symlink()}
     for p in doomed:
-        p.unlink(missing_ok=True)
+        if p.is_symlink() or (own is not None and p.resolve().is_relative_to(own)):
+            p.unlink(missing_ok=True)
+            removed = True
     kept = {p.resolve() for p in snap.rglob("*") if p.is_symlink()}
     for blob in blobs - kept:
-        blob.unlink(missing_ok=True)
-    return bool(doomed)
+        if own is not None and blob.is_relative_to(own):
+            blob.unlink(missing_ok=True)
+    return removed

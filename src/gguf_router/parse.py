@@ -7,17 +7,18 @@ import json
 
 from sanic import Blueprint, Request
 
-from .errors import bad_request
+from .errors import bad_request, shown
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-def add_routes(blueprint: Blueprint, handler, method: str, *paths: str) -> None:
-    """One handler on several paths; Sanic wants a distinct name for each route."""
+def add_routes(blueprint: Blueprint, handler, method: str, *paths: str, access, files: bool = False) -> None:
+    """One handler on several paths; Sanic wants a distinct name for each route. `access`: who
+    may call them (access.Level, or a function of the request); `files`: they take multipart."""
     for path in paths:
         name = f"{method.lower()}{path}".replace("/", "_").replace("-", "_").replace("<", "").replace(">", "").replace(":", "_")
-        blueprint.add_route(handler, path, methods=[method], name=name)
+        blueprint.add_route(handler, path, methods=[method], name=name, ctx_access=access, ctx_files=files)
 
 
 def json_body(request: Request) -> dict:
@@ -53,6 +54,11 @@ def query_model(request: Request) -> str:
     return model_field({"model": request.args.get("model")})
 
 
+def asks_reload(request: Request) -> bool:
+    """`GET /models?reload=1`: the list after rereading config, presets and models."""
+    return request.args.get("reload") in ("1", "true")
+
+
 def autoload(request: Request) -> bool:
     """Whether this request may load its model: `?autoload=`, else the router's setting."""
     value = request.args.get("autoload")
@@ -62,4 +68,4 @@ def autoload(request: Request) -> bool:
         return True
     if value.lower() in _FALSE:
         return False
-    raise bad_request(f"autoload must be true or false, not {value!r}")
+    raise bad_request(f"autoload must be true or false, not '{shown(value)}'")

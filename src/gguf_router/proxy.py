@@ -21,12 +21,19 @@ from .model import Model
 
 log = logging.getLogger(__name__)
 
-# Hop-by-hop headers, and those the router must not pass on (its own key, the framing).
+# Hop-by-hop headers, and those the router must not pass on (its own key, the framing; the
+# Origin, which llama-server's default `--cors-origins *` would echo back as allowed).
 _DROP_REQUEST = frozenset({"host", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                            "proxy-authorization", "proxy-connection", "content-length", "authorization",
-                           "x-api-key", "expect"})
+                           "x-api-key", "expect", "origin"})
 _DROP_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length",
                             "content-encoding", "server", "date"})
+
+
+def _passed_back(name: str) -> bool:
+    # CORS is the router's to answer (access.py), for the origins it names: never a child's.
+    name = name.lower()
+    return name not in _DROP_RESPONSE and not name.startswith("access-control-")
 
 
 # llama-server (cpp-httplib) closes a keep-alive connection idle for 5 s; one kept longer here
@@ -78,7 +85,9 @@ def _refused_by_child(model: Model, body: bytes) -> RouterError:
 
 async def forward(request: Request, session: aiohttp.ClientSession, model: Model) -> HTTPResponse | None:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
-    url = session.connector.url(model, request.path, request.query_string)
+    # The path as the route declares it (`/v1/chat/completions/` reached the same route).
+    path = request.route.uri if not request.match_info else request.path.rstrip("/")
+    url = session.connector.url(model, path, request.query_string)
     try:
         try:
             upstream = await session.request(request.method, url, data=request.body or None, headers=headers)
@@ -88,7 +97,7 @@ async def forward(request: Request, session: aiohttp.ClientSession, model: Model
     except aiohttp.ClientError as exc:
         raise RouterError(502, f"model '{model.id}' did not answer: {exc}") from exc
     try:
-        out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _DROP_RESPONSE}
+        out_headers = {k: v for k, v in upstream.headers.items() if _passed_back(k)}
         if not upstream.content_type.startswith("text/event-stream"):
             try:
                 body = await upstream.read()

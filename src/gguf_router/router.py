@@ -108,7 +108,8 @@ class Router:
             await asyncio.to_thread(tls.check, settings)  # before anything is swapped in
             if (settings.models_dir, settings.hf_cache) != (discovery.models_dir, discovery.hf_cache):
                 discovery = Discovery(settings.models_dir, settings.hf_cache)
-            for name in ("host", "port", "runtime_dir", "state_dir", "max_body", "request_timeout", "max_connections"):
+            for name in ("host", "port", "runtime_dir", "state_dir", "max_body", "request_timeout", "max_connections",
+                         "max_connections_per_client"):
                 if getattr(settings, name) != getattr(self.settings, name):
                     log.warning("%s changed in the config; it takes effect when the router restarts",
                                 name.replace("_", "-"))

@@ -6,6 +6,7 @@ import asyncio
 
 from sanic import Blueprint, Request
 
+from .access import Level, inference
 from .parse import add_routes, autoload, body_model, query_model
 from .scheduler import FAKE_TIMING
 
@@ -18,11 +19,15 @@ POST_BY_BODY = (
     "/chat/completions/input_tokens", "/v1/chat/completions/input_tokens",
     "/responses", "/v1/responses", "/responses/input_tokens", "/v1/responses/input_tokens",
     "/v1/messages", "/v1/messages/count_tokens",
-    "/audio/transcriptions", "/v1/audio/transcriptions",
     "/infill", "/embedding", "/embeddings", "/v1/embeddings",
     "/rerank", "/reranking", "/v1/rerank", "/v1/reranking",
-    "/tokenize", "/detokenize", "/apply-template", "/props", "/lora-adapters",
+    "/tokenize", "/detokenize", "/apply-template",
 )
+# These take a file (multipart/form-data, the model a form field).
+POST_FILES_BY_BODY = ("/audio/transcriptions", "/v1/audio/transcriptions")
+# These change a child's settings for everyone it serves (POST /slots/N saves or restores a
+# slot file): managing models.
+POST_SETTINGS_BY_BODY = ("/props", "/lora-adapters", "/slots/<slot_id:int>")
 # And those that name it in the query string.
 GET_BY_QUERY = ("/slots", "/lora-adapters")
 
@@ -52,5 +57,7 @@ async def get_by_query(request: Request):
     return await serve(request, query_model(request))
 
 
-add_routes(bp, post_by_body, "POST", *POST_BY_BODY, "/slots/<slot_id:int>")
-add_routes(bp, get_by_query, "GET", *GET_BY_QUERY)
+add_routes(bp, post_by_body, "POST", *POST_BY_BODY, access=inference)
+add_routes(bp, post_by_body, "POST", *POST_FILES_BY_BODY, access=inference, files=True)
+add_routes(bp, post_by_body, "POST", *POST_SETTINGS_BY_BODY, access=Level.ADMIN)
+add_routes(bp, get_by_query, "GET", *GET_BY_QUERY, access=inference)

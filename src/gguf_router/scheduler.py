@@ -26,7 +26,7 @@ from . import policy
 from .catalog import ModelConfig
 from .crashes import WINDOW
 from .events import Events
-from .errors import RouterError, model_not_found
+from .errors import RouterError, model_not_found, shown
 from .launchers import Child, LaunchError, Launcher, LaunchSpec, answers_health
 from .sizes import size_text
 from .memory import Floors, memory_limits
@@ -84,7 +84,7 @@ class Scheduler:
     def loadable(self, model_id: str) -> Model:
         model = self.get(model_id)
         if model.file.error:
-            raise RouterError(400, f"model '{model_id}' is not a usable GGUF: {model.file.error}")
+            raise RouterError(400, f"model '{shown(model_id)}' is not a usable GGUF: {model.file.error}")
         return model
 
     def memory_floor(self, model: Model) -> int:

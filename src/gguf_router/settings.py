@@ -96,6 +96,9 @@ class Settings:
     admin_api_key_file: Path | None = None
     # Origins a browser may call the API from (CORS); none by default.
     cors_origins: tuple[str, ...] = ()
+    # Host names a router without API keys answers for, beside IP addresses, localhost and this
+    # machine's name: a web page that rebinds its own name to the router's address gets 421.
+    server_names: tuple[str, ...] = ()
     # TLS on every socket the router serves (its own or systemd's); both files in PEM, readable
     # by the router's user. A reload loads them again (renewed certificates).
     tls_cert_file: Path | None = None
@@ -104,6 +107,8 @@ class Settings:
     # Seconds a request's headers and body may take to arrive.
     request_timeout: float = field(default=60.0, metadata=_bounds(0, above=True))
     max_connections: int = field(default=1024, metadata=_bounds(1))  # open client connections at most
+    # Of those, what one client address or one API key may hold; 0: an eighth, at least 8.
+    max_connections_per_client: int = field(default=0, metadata=_bounds(0))
     # On stop, seconds the requests in flight get to finish (gguf-router.service: TimeoutStopSec=30).
     drain_timeout: float = field(default=20.0, metadata=_bounds(0))
     llama_server: Path = field(default_factory=default_llama_server)
@@ -150,6 +155,10 @@ class Settings:
                 limit = (f"between {bounds['low']} and {bounds['high']}" if bounds["high"] is not None
                          else f"{'above' if bounds['above'] else 'at least'} {bounds['low']}")
                 raise FieldError(item.name, f"{value} is out of range: give a number {limit}")
+        for name in ("api_keys", "admin_api_keys"):
+            if any(not key.strip() for key in getattr(self, name)):
+                # `--api-key "$UNSET"` must not leave the router open without a word.
+                raise FieldError(name, "a key is empty: give a key, or no such setting at all")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise FieldError("tls_key_file" if self.tls_cert_file else "tls_cert_file",
                              "tls-cert-file and tls-key-file go together: set both or neither")
@@ -220,6 +229,8 @@ def _convert(name: str, raw: Any) -> Any:
         # Options for the children as a shell would split them; keys and origins comma-separated.
         if name == "child_args":
             return tuple(shlex.split(text))
+        if name in ("api_keys", "admin_api_keys"):
+            return tuple(k.strip() for k in text.split(","))  # a blank one is an error, not no key
         return tuple(k.strip() for k in text.split(",") if k.strip())
     return text
 

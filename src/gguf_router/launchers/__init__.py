@@ -22,9 +22,15 @@ from .cgroup import MemoryUse
 
 T = TypeVar("T")
 
-# Variables meant for the router alone: a child (or systemd-run) must not answer systemd in its name.
+# Variables meant for the router alone: a child (or systemd-run) must not answer systemd in its
+# name, nor see the router's settings (its API keys among them: GGUF_ROUTER_*).
 ROUTER_ONLY_ENV = frozenset({"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC",
                              "WATCHDOG_PID"})
+
+
+def child_env(environ: dict[str, str]) -> dict[str, str]:
+    """The router's environment less what is meant for the router alone."""
+    return {k: v for k, v in environ.items() if k not in ROUTER_ONLY_ENV and not k.startswith("GGUF_ROUTER_")}
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class LaunchSpec:
     # systemd unit can enforce them, so the process launcher ignores them.
     limits: dict[str, str] = field(default_factory=dict)
     devices: tuple[str, ...] = ()  # device nodes a unit may use (GPUs); a process sees all of /dev
+    network: bool = False  # its options reach servers over TCP (llama.cpp's RPC backend, --rpc)
 
 
 def argv_digest(argv: tuple[str, ...]) -> str:

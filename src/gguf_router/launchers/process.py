@@ -22,7 +22,7 @@ import os
 import shutil
 import subprocess
 
-from . import ROUTER_ONLY_ENV, Child, ChildExit, ChildLog, LaunchError, LaunchSpec, ProgressCallback, in_thread
+from . import child_env, Child, ChildExit, ChildLog, LaunchError, LaunchSpec, ProgressCallback, in_thread
 from .cgroup import MemoryUse, process_memory
 
 log = logging.getLogger("gguf_router.child")
@@ -42,7 +42,7 @@ def _with_pdeathsig(argv: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def child_environment(spec: LaunchSpec) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ROUTER_ONLY_ENV}
+    env = child_env(os.environ)
     env.update(item.split("=", 1) for item in spec.environment)
     env["LLAMA_SERVER_ROUTER_PORT"] = "0"  # turns on the child protocol; the value is unused
     return env

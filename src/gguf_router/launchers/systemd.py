@@ -20,7 +20,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import ROUTER_ONLY_ENV, Child, ChildExit, ChildLog, LaunchError, process_gone, LaunchSpec, ProgressCallback, argv_digest, http_get
+from . import child_env, Child, ChildExit, ChildLog, LaunchError, process_gone, LaunchSpec, ProgressCallback, argv_digest, http_get
 from ..sizes import size_text
 from .cgroup import MemoryUse, UnitMemory, process_memory
 
@@ -34,6 +34,21 @@ def unit_name(model_id: str) -> str:
     """A valid, fixed unit name per model id: a readable part plus a hash that keeps it unique."""
     readable = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_id)[:48].strip("-.")
     return f"{UNIT_PREFIX}{readable}-{hashlib.sha1(model_id.encode()).hexdigest()[:8]}.service"
+
+
+def quoted(value: str, command: bool = False) -> str:
+    """One word in systemd's syntax (systemd.syntax(7)), whatever it holds: systemd-run splits
+    Environment= and path lists on whitespace and colons and unescapes what is quoted; in a
+    `command` line it also expands $VAR."""
+    word = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return word.replace("$", "$$") if command else word
+
+
+def described(model_id: str, argv: tuple[str, ...]) -> str:
+    """The unit's Description: names the model for `systemctl status`, and ends in the digest of its
+    command line, which tells a later router whether the unit still runs what it would start.
+    A plain string to systemd; the id's control characters are shown escaped."""
+    return f"gguf-router model {model_id.encode('unicode_escape').decode()} [{argv_digest(argv)}]"
 
 
 def _in_tmp(path: Path) -> bool:
@@ -121,7 +136,7 @@ class SystemdLauncher:
     def __init__(self, runtime_dir: Path, user: bool | None = None):
         self.runtime_dir = runtime_dir
         self.user = os.getuid() != 0 if user is None else user
-        self._env = {k: v for k, v in os.environ.items() if k not in ROUTER_ONLY_ENV}
+        self._env = child_env(os.environ)
         if self.user:
             self._env.setdefault("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
         self._scope = ["--user"] if self.user else []
@@ -167,9 +182,7 @@ class SystemdLauncher:
         unit = unit_name(spec.model_id)
         exit_file = spec.socket.with_suffix(".exit")
         props = [
-            f"Description=gguf-router model {spec.model_id}",
-            f"Environment=GGUF_ROUTER_MODEL={spec.model_id}",
-            f"Environment=GGUF_ROUTER_ARGV={argv_digest(spec.argv)}",
+            f"Description={described(spec.model_id, spec.argv)}",
             "KillMode=control-group",
             f"TimeoutStopSec={max(1, round(spec.stop_timeout))}",
             # The child reads its model and writes only its socket; it never needs more.
@@ -192,24 +205,25 @@ class SystemdLauncher:
             "ProtectClock=yes",
             "ProtectHostname=yes",
             # Its unix socket, and netlink for GPU drivers; the network only for llama.cpp's RPC backend.
-            "RestrictAddressFamilies=AF_UNIX AF_NETLINK" + (" AF_INET AF_INET6" if "--rpc" in spec.argv else ""),
-            f"ExecStopPost={sys.executable} -m gguf_router.launchers.exitreport {exit_file} {unit}",
+            "RestrictAddressFamilies=AF_UNIX AF_NETLINK" + (" AF_INET AF_INET6" if spec.network else ""),
+            f"ExecStopPost={quoted(sys.executable, True)} -m gguf_router.launchers.exitreport "
+            f"{quoted(str(exit_file), True)} {unit}",
         ]
         # PrivateTmp hides /tmp: what the unit needs from there (a checkout, a test's files, the
         # sockets' folder) is bound back in.
-        props.append(f"{'BindPaths' if _in_tmp(self.runtime_dir) else 'ReadWritePaths'}={self.runtime_dir}")
+        props.append(f"{'BindPaths' if _in_tmp(self.runtime_dir) else 'ReadWritePaths'}={quoted(str(self.runtime_dir))}")
         needed = {Path(sys.prefix), Path(__file__).resolve().parents[2]}
         needed |= {Path(arg) for arg in spec.argv if arg.startswith("/") and Path(arg).exists()}
-        props += [f"BindReadOnlyPaths={path}" for path in sorted(needed) if _in_tmp(path)]
+        props += [f"BindReadOnlyPaths={quoted(str(path))}" for path in sorted(needed) if _in_tmp(path)]
         props += [f"{key}={value}" for key, value in spec.limits.items()]
-        props += [f"Environment={item}" for item in spec.environment]
+        props += [f"Environment={quoted(item)}" for item in spec.environment]
         if not self.user:
             # Only /dev/null and the like, plus the devices the preset names (GPUs). A user manager
             # cannot drop the capabilities PrivateDevices needs: there the user's own permissions on
             # /dev decide (add the service user to `render`/`video` for a GPU).
             props.append("PrivateDevices=yes")
             for device in spec.devices:
-                props += [f"BindPaths={device}", f"DeviceAllow={device} rw"]
+                props += [f"BindPaths={quoted(device)}", f"DeviceAllow={device} rw"]  # DeviceAllow= takes no quotes
         return props
 
     async def start(self, spec: LaunchSpec, progress: ProgressCallback) -> Child:
@@ -221,7 +235,9 @@ class SystemdLauncher:
         await self.systemctl("reset-failed", unit)
         cmd = ["systemd-run", *self._scope, "--quiet", "--collect", "--service-type=exec", f"--unit={unit}"]
         cmd += [f"--property={p}" for p in self._properties(spec)]
-        code, out = await self._run(*cmd, "--", *spec.argv)
+        # The command line goes as it is, word by word, but systemd still expands ${VAR} (and a
+        # word that is all $VAR) in it: "$$" is its literal "$".
+        code, out = await self._run(*cmd, "--", *(arg.replace("$", "$$") for arg in spec.argv))
         if code != 0:
             raise LaunchError(f"systemd-run could not start {unit}: {out}", code)
         pid = int((await self.show(unit, "MainPID")).get("MainPID") or 0)
@@ -234,13 +250,13 @@ class SystemdLauncher:
         code, out = await self.systemctl("list-units", "--plain", "--no-legend", "--state=active",
                                          f"{UNIT_PREFIX}*")
         adopted: dict[str, Child] = {}
+        by_unit = {unit_name(spec.model_id): spec for spec in expected.values()}
         for line in out.splitlines() if code == 0 else []:
             unit = line.split()[0]
-            props = await self.show(unit, "Environment", "MainPID")
-            env = dict(item.split("=", 1) for item in props.get("Environment", "").split() if "=" in item)
-            spec = expected.get(env.get("GGUF_ROUTER_MODEL", ""))
+            props = await self.show(unit, "Description", "MainPID")
+            spec = by_unit.get(unit)
             pid = int(props.get("MainPID") or 0)
-            if spec is None or unit != unit_name(spec.model_id) or env.get("GGUF_ROUTER_ARGV") != argv_digest(spec.argv):
+            if spec is None or props.get("Description") != described(spec.model_id, spec.argv):
                 log.info("stopping unit %s: its model is gone or its options changed", unit)
                 await self.systemctl("stop", "--no-block", unit)
                 continue
