@@ -232,3 +232,35 @@ def test_a_route_that_does_not_say_who_may_call_it_stops_the_router():
     app.add_route(handler, "/forgotten", name="forgotten")
     with pytest.raises(RuntimeError, match="routes without an access level: /forgotten"):
         check_routes(app)
+
+
+async def test_without_keys_a_page_of_another_site_gets_nothing_but_health(tmp_path, llama_server, models_dir):
+    """A page on any site can reach http://127.0.0.1:8080 (an address: the Host check lets it
+    through) with requests a browser sends without asking: an <img src=> GET, a body-less POST."""
+    cross = {"Sec-Fetch-Site": "cross-site"}
+    async with serving(tmp_path, llama_server, models_dir, cors_origins=("https://app.example",)) as (_, http):
+        for method, path, params in (("GET", "/models", {"reload": "1"}), ("GET", "/props", {"model": "tiny-a"}),
+                                     ("GET", "/slots", {"model": "tiny-a"}), ("POST", "/models/reload", {}),
+                                     ("GET", "/v1/models", {})):
+            for headers in (cross, {"Sec-Fetch-Site": "same-site"}, {"Origin": "https://evil.example"},
+                            {"Origin": "null"}):
+                reply = await http.request(method, path, params=params, headers=headers)
+                assert reply.status_code == 403 and "--cors-origin" in reply.json()["error"]["message"], (path, headers)
+        assert (await http.get("/health", headers=cross)).status_code == 200
+        # the router's own page, a user typing the address, a named origin, a client that is no browser
+        for headers in ({"Sec-Fetch-Site": "same-origin", "Origin": BASE}, {"Sec-Fetch-Site": "none"},
+                        {"Sec-Fetch-Site": "cross-site", "Origin": "https://app.example"}, {}):
+            assert (await http.get("/v1/models", headers=headers)).status_code == 200, headers
+        listed = (await http.get("/models")).json()["data"]
+        assert {m["status"]["value"] for m in listed} == {"unloaded"}
+
+
+async def test_a_models_props_and_metrics_under_no_autoload_need_an_admin_to_load_it(tmp_path, llama_server, models_dir):
+    async with serving(tmp_path, llama_server, models_dir, api_keys=(USER,), admin_api_keys=(ADMIN,),
+                       models_autoload=False) as (_, http):
+        for path in ("/props", "/metrics", "/slots", "/lora-adapters"):
+            reply = await http.get(path, params={"model": "tiny-a", "autoload": "true"}, headers=CALLERS["inference key"])
+            assert reply.status_code == 403, path
+        assert (await http.get("/props", headers=CALLERS["inference key"])).status_code == 200
+        listed = (await http.get("/models", headers=CALLERS["admin key"])).json()["data"]
+        assert {m["status"]["value"] for m in listed} == {"unloaded"}

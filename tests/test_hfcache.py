@@ -76,6 +76,15 @@ def test_removing_a_model_never_deletes_what_a_link_out_of_the_cache_points_at(t
     (linked / "snapshots" / COMMIT).symlink_to(shared / "other")
     assert [m for m, _, _ in hfcache.cached_models(cache) if m.startswith("u/snap")] == ["u/snap:F16"]
     assert not hfcache.remove(cache, "u/snap:F16") and (shared / "other" / "m-F16.gguf").exists()
+    # a snapshots folder linked out of the cache: not even the links in it are the cache's
+    outside = tmp_path / "outside-snapshots"
+    (outside / COMMIT).mkdir(parents=True)
+    (outside / COMMIT / "m-Q8_0.gguf").symlink_to(shared / "m-Q8_0.gguf")
+    moved = hfcache.repo_folder(cache, "u/moved")
+    (moved / "refs").mkdir(parents=True)
+    (moved / "refs" / "main").write_text(COMMIT)
+    (moved / "snapshots").symlink_to(outside)
+    assert not hfcache.remove(cache, "u/moved:Q8_0") and (outside / COMMIT / "m-Q8_0.gguf").is_symlink()
     # the whole repo: rmtree removes the links inside and leaves their targets
     (snap / "m-Q8_0.gguf").symlink_to(shared / "m-Q8_0.gguf")
     assert hfcache.remove(cache, "u/r") and not repo.exists() and (shared / "m-Q8_0.gguf").exists()

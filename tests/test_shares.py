@@ -6,7 +6,7 @@ import pytest
 from gguf_router.access import beyond_loopback
 from gguf_router.errors import RouterError
 from gguf_router.settings import Settings
-from gguf_router.shares import Shares
+from gguf_router.shares import Shares, client_of
 
 
 class Connection:
@@ -52,3 +52,11 @@ def test_a_key_past_its_share_gets_429_and_the_reserve_serves_only_operators():
                                           ("192.168.1.2", True), ("llm.lan", True)])
 def test_listening_beyond_loopback_is_told_apart(host, beyond):
     assert beyond_loopback(host) is beyond
+
+
+def test_a_client_is_its_ipv4_address_or_its_ipv6_64():
+    assert client_of("192.0.2.7") == "192.0.2.7"
+    assert client_of("::ffff:192.0.2.7") == "192.0.2.7"  # the same client on a dual-stack socket
+    assert client_of("2001:db8:1:2:aaaa::1") == client_of("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_of("2001:db8:1:3::1") != client_of("2001:db8:1:2::1")
+    assert client_of("fe80::1%eth0") == "fe80::/64"

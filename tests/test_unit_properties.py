@@ -7,7 +7,8 @@ import shutil
 from gguf_router.catalog import build, read_presets
 from gguf_router.discovery import Discovery
 from gguf_router.launchers import LaunchSpec
-from gguf_router.launchers.systemd import SystemdLauncher, described
+from gguf_router.launchers import argv_digest
+from gguf_router.launchers.systemd import SystemdLauncher, _runs, described
 from gguf_router.settings import Settings
 
 
@@ -48,3 +49,13 @@ def test_the_network_is_granted_by_the_rpc_option_not_by_a_model_named_rpc(tmp_p
                 for spec in (named_rpc, remote)}
     assert families == {"--rpc": "RestrictAddressFamilies=AF_UNIX AF_NETLINK",
                         "remote": "RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6"}
+
+
+def test_a_unit_is_known_by_its_description_or_by_what_an_earlier_version_wrote():
+    spec = LaunchSpec("tiny-a", ("/usr/bin/llama-server", "-m", "/m/tiny-a.gguf"), None, 10)
+    assert _runs({"Description": described("tiny-a", spec.argv)}, spec)
+    assert not _runs({"Description": described("tiny-a", ("/usr/bin/llama-server", "-c", "99"))}, spec)
+    # a unit an earlier gguf-router started, before an upgrade: still adopted
+    legacy = f"GGUF_ROUTER_MODEL=tiny-a GGUF_ROUTER_ARGV={argv_digest(spec.argv)}"
+    assert _runs({"Description": "gguf-router model tiny-a", "Environment": legacy}, spec)
+    assert not _runs({"Description": "gguf-router model tiny-a", "Environment": "GGUF_ROUTER_MODEL=tiny-a"}, spec)

@@ -42,9 +42,6 @@ class Level(enum.IntEnum):
 
 Access = Level | Callable[[Request], Level]
 
-# A refused request's body (no key, a wrong one ...) is read only to be dropped, and only this
-# much of it: past it the connection is closed instead.
-REFUSED_BODY = 64 * 1024
 
 
 def admin_if_reloading(request: Request) -> Level:
@@ -63,6 +60,12 @@ def inference(request: Request) -> Level:
         return Level.INFERENCE  # the handler tells a bad value, to whoever may call it
 
 
+def read_unless_routed(request: Request) -> Level:
+    """GET /props and /metrics: the router's own (read), or with ?model= that model's, asked of
+    its child (inference, which may load it)."""
+    return inference(request) if request.args.get("model") else Level.READ
+
+
 def given_key(request: Request) -> str:
     auth = request.headers.get("authorization", "")
     return auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
@@ -71,7 +74,7 @@ def given_key(request: Request) -> str:
 def keys_match(given: str, keys: tuple[str, ...]) -> bool:
     matched = False
     for key in keys:  # no early exit: the time taken does not tell which key, or how much of it, matched
-        matched |= hmac.compare_digest(given.encode(), key.encode())
+        matched |= hmac.compare_digest(given.encode(errors="surrogateescape"), key.encode())
     return matched
 
 
@@ -86,7 +89,7 @@ def caller(request: Request) -> tuple[Level, str | None]:
     if given and admin and keys_match(given, admin):
         return Level.ADMIN, None
     if given and keys and keys_match(given, keys):
-        return (Level.INFERENCE if admin else Level.ADMIN), hashlib.sha256(given.encode()).hexdigest()[:16]
+        return (Level.INFERENCE if admin else Level.ADMIN), hashlib.sha256(given.encode(errors="surrogateescape")).hexdigest()[:16]
     return (Level.PUBLIC if keys else Level.INFERENCE), None
 
 
@@ -130,6 +133,17 @@ def _host_served(request: Request) -> bool:
     return name == "localhost" or name.endswith(".localhost") or name in names or "*" in names
 
 
+def _from_another_site(request: Request) -> bool:
+    """Whether a page of another origin, not one --cors-origin names, sent this: browsers say so
+    in Origin (on POST) and Sec-Fetch-Site (on every request, an <img src=...> GET too)."""
+    if _allowed_origin(request):
+        return False
+    origin = request.headers.get("origin")
+    if origin is not None and origin != f"{request.scheme}://{request.host}":
+        return True
+    return request.headers.get("sec-fetch-site") in ("cross-site", "same-site")
+
+
 def beyond_loopback(host: str) -> bool:
     """Whether a listening address is reachable from other machines ("" listens everywhere)."""
     if host == "localhost":
@@ -155,15 +169,24 @@ def _body_kind(request: Request) -> None:
                            "(curl: -H 'Content-Type: application/json', or --json)")
 
 
+def refused(stream) -> None:
+    """A refused request (Sanic's Http for it): its body is never buffered. A client that waits
+    for `100 Continue` is not invited to send it and the connection ends with the answer; from
+    any other, what it sends is read and dropped as it comes (no memory held; GuardedProtocol
+    ends it at --request-timeout), so that it reads its answer rather than a reset connection."""
+    stream.keep_alive = False
+    if getattr(stream, "expecting_continue", False):
+        stream.expecting_continue = False
+        stream.request_body = None
+
+
 async def guard(request: Request, **_) -> None:
-    """Sanic's http.routing.after signal: the route is known, the body not yet read. A refused
-    request's body is not read past a small cap, and its connection is closed after the answer."""
+    """Sanic's http.routing.after signal: the route is known, the body not yet read."""
     try:
         _check(request)
     except RouterError:
         if request.stream is not None:
-            request.stream.request_max_size = REFUSED_BODY
-            request.stream.keep_alive = False
+            refused(request.stream)
         raise
 
 
@@ -176,9 +199,15 @@ def _check(request: Request) -> None:
         request.ctx.level = granted
         return
     config = request.app.ctx.router.config
-    if not config.api_keys and not _host_served(request):
-        raise RouterError(421, f"this router does not serve the host name '{shown(request.headers.get('host', ''))}'; "
-                               "add it with --server-name (or set an API key)")
+    if not config.api_keys:
+        # Without keys, a browser's request is refused when a page of another site, or one
+        # that rebound its own name to this address, made it; with keys, such a page has none.
+        if not _host_served(request):
+            raise RouterError(421, f"this router does not serve the host name '{shown(request.headers.get('host', ''))}'; "
+                                   "add it with --server-name (or set an API key)")
+        if _from_another_site(request):
+            raise RouterError(403, "a page of another site may not call a router without API keys: name its origin "
+                                   "with --cors-origin, or set an API key", "permission_error")
     if granted < level:
         if key_id is not None:  # a valid inference key, short of admin
             raise RouterError(403, "managing models needs an admin key", "permission_error")

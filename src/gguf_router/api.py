@@ -11,7 +11,7 @@ from sanic import Blueprint, Request
 from sanic.response import JSONResponse, json as json_response, raw
 
 from . import __version__
-from .access import Level, admin_if_reloading
+from .access import Level, admin_if_reloading, read_unless_routed
 from .errors import RouterError
 from .ini import ConfigError
 from .llama_options import build_info
@@ -32,7 +32,9 @@ def memory_status(model: Model, floor: int) -> dict:
     status = {"memory_estimate_bytes": estimate.host, "memory_estimate": estimate.as_json()}
     if floor:
         status["memory_floor_bytes"] = floor  # learned from an out-of-memory kill
-    if model.state is ModelState.LOADED and (use := model.sample_memory()) is not None:
+    # What the last tick sampled (once a second): looking at the router never changes what it
+    # counts (the peak a sample raises is charged to the budget).
+    if model.state is ModelState.LOADED and (use := model.memory_use) is not None:
         status.update(memory_bytes=use.current, memory_peak_bytes=model.peak, memory_limit_bytes=use.limit)
     return status
 
@@ -219,8 +221,8 @@ async def metrics(request: Request):
 
 
 add_routes(bp, health, "GET", "/health", "/v1/health", access=Level.PUBLIC)
-add_routes(bp, props, "GET", "/props", access=Level.READ)
-add_routes(bp, metrics, "GET", "/metrics", access=Level.READ)
+add_routes(bp, props, "GET", "/props", access=read_unless_routed)
+add_routes(bp, metrics, "GET", "/metrics", access=read_unless_routed)
 add_routes(bp, list_models, "GET", "/models", "/v1/models", access=admin_if_reloading)
 add_routes(bp, model_events, "GET", "/models/sse", access=Level.READ)
 add_routes(bp, load_model, "POST", "/models/load", access=Level.ADMIN)

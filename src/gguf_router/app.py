@@ -20,13 +20,13 @@ from sanic.server.protocols.http_protocol import HttpProtocol
 from sanic.response import file, json as json_response
 
 from . import api, routing
-from .access import Level, check_routes, cors_headers, cors_preflight, guard, needed
+from .access import Level, check_routes, cors_headers, cors_preflight, guard, needed, refused
 from .errors import RouterError, shown
 from .metrics import count_request
 from .sizes import parse_size, size_text
 from .router import Router
 from .settings import Settings
-from .shares import Shares
+from .shares import Shares, client_of
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ class OpenAIErrorHandler(ErrorHandler):
         if isinstance(exception, asyncio.CancelledError):
             # The client left mid-request (its model was told to stop): nobody reads this.
             return json_response(RouterError(499, "client closed the request").body(), status=499)
+        if request is not None and request.stream is not None and getattr(request, "route", None) is None:
+            refused(request.stream)  # no such route: what is left of the body is only dropped
         if isinstance(exception, RouterError):
             error = exception
         elif isinstance(exception, PayloadTooLarge):
@@ -73,7 +75,7 @@ class GuardedProtocol(HttpProtocol):
         super().__init__(*args, **kwargs)
         self._began = self._accepted = time.monotonic()
         self._refused = False
-        self.peer: str | None = None  # the client's address (None on a unix socket)
+        self.peer: str | None = None  # the client, by address (shares.client_of; None on a unix socket)
         self.in_reserve = False  # accepted into the connections kept for /health and admin keys
         self.key_id: str | None = None  # the API key its last request gave, for that key's share
 
@@ -95,7 +97,7 @@ class GuardedProtocol(HttpProtocol):
     def connection_made(self, transport) -> None:
         shares: Shares = self.app.ctx.shares
         peer = transport.get_extra_info("peername")
-        self.peer = peer[0] if isinstance(peer, tuple) else None
+        self.peer = client_of(peer[0]) if isinstance(peer, tuple) else None
         if reason := shares.refusal([c.peer for c in self.connections], self.peer):
             self._refused = True
             error = RouterError(503, reason)
@@ -115,16 +117,16 @@ class GuardedProtocol(HttpProtocol):
         if self._refused:
             return
         http = getattr(self, "_http", None)
-        if http is None or http.stage is Stage.IDLE:
-            self._began = time.monotonic()
+        if http is None or (http.stage is Stage.IDLE and not http.request_body):
+            self._began = time.monotonic()  # a new request (not the rest of a refused one's body)
         super().data_received(data)
 
     def check_timeouts(self) -> None:
         http = getattr(self, "_http", None)
         late = time.monotonic() - self._began > self.request_timeout
         if late and http is not None and http.stage is Stage.IDLE and http.request_body:
-            # The rest of a refused request's body, read only to be dropped (access.guard): it
-            # gets no answer, it is late, and the connection ends.
+            # The rest of a refused request's body, read only to be dropped: it is late, and the
+            # connection ends.
             self.close()
             return
         arriving = http is not None and (http.stage is Stage.REQUEST or (http.stage is Stage.HANDLER and http.request_body))

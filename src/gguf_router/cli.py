@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         if sockets else [settings.host]
     if not app.ctx.router.config.api_keys and any(map(beyond_loopback, hosts)):
         log.warning("no API key is set and the router listens beyond this machine (%s): anyone who reaches the port "
-                    "may use and manage it; set api-key-file in %s", ", ".join(hosts) or "*",
+                    "may use it; set api-key-file in %s", ", ".join(hosts) or "*",
                     settings.config or "/etc/gguf-router/gguf-router.conf")
     run = dict(single_process=True, access_log=False, motd=False, protocol=GuardedProtocol,
                ssl=app.ctx.router.tls)

@@ -139,18 +139,17 @@ def remove(root: Path, model_id: str) -> bool:
     snap = snapshot(repo)
     if snap is None:
         return False
-    own = repo.resolve()
-    if not own.is_relative_to(Path(root).resolve()):
-        own = None  # the repo folder is itself a link out of the cache: only links are removed
-    removed = False
+    own = Path(root).resolve() / repo.name
+    if snap.resolve() != own / "snapshots" / snap.name:
+        return False  # the repo, its snapshots or this snapshot is a link out of the cache: not ours
     doomed = [p for p in _files(snap) if _tag(p)[0] == tag.upper()]
+    # Entries whose folder is a link out of the snapshot are not ours either.
+    doomed = [p for p in doomed if p.parent.resolve().is_relative_to(own)]
     blobs = {p.resolve() for p in doomed if p.is_symlink()}
     for p in doomed:
-        if p.is_symlink() or (own is not None and p.resolve().is_relative_to(own)):
-            p.unlink(missing_ok=True)
-            removed = True
+        p.unlink(missing_ok=True)  # a link, or a file of the snapshot's own
     kept = {p.resolve() for p in snap.rglob("*") if p.is_symlink()}
     for blob in blobs - kept:
-        if own is not None and blob.is_relative_to(own):
+        if blob.is_relative_to(own):
             blob.unlink(missing_ok=True)
-    return removed
+    return bool(doomed)

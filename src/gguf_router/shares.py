@@ -11,9 +11,22 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from .errors import RouterError
+
+
+def client_of(address: str) -> str:
+    """The client an address stands for, for its share: an IPv4-mapped IPv6 address is its IPv4
+    one, and an IPv6 address its /64 (one machine may pick any address of its /64)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.version == 6:
+        return str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 @dataclass(frozen=True)

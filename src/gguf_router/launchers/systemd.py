@@ -32,7 +32,7 @@ POLL_FIRST, POLL_MAX = 0.005, 0.1  # /health polling while loading: fast at firs
 
 def unit_name(model_id: str) -> str:
     """A valid, fixed unit name per model id: a readable part plus a hash that keeps it unique."""
-    readable = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_id)[:48].strip("-.")
+    readable = "".join(c if (c.isascii() and c.isalnum()) or c in "-_." else "-" for c in model_id)[:48].strip("-.")
     return f"{UNIT_PREFIX}{readable}-{hashlib.sha1(model_id.encode()).hexdigest()[:8]}.service"
 
 
@@ -49,6 +49,15 @@ def described(model_id: str, argv: tuple[str, ...]) -> str:
     command line, which tells a later router whether the unit still runs what it would start.
     A plain string to systemd; the id's control characters are shown escaped."""
     return f"gguf-router model {model_id.encode('unicode_escape').decode()} [{argv_digest(argv)}]"
+
+
+def _runs(props: dict[str, str], spec: LaunchSpec) -> bool:
+    """Whether a unit runs what `spec` would start: its Description says so, or (a unit an
+    earlier gguf-router started, before an upgrade) its Environment= did."""
+    if props.get("Description") == described(spec.model_id, spec.argv):
+        return True
+    legacy = dict(item.split("=", 1) for item in props.get("Environment", "").split() if "=" in item)
+    return legacy.get("GGUF_ROUTER_MODEL") == spec.model_id and legacy.get("GGUF_ROUTER_ARGV") == argv_digest(spec.argv)
 
 
 def _in_tmp(path: Path) -> bool:
@@ -253,10 +262,10 @@ class SystemdLauncher:
         by_unit = {unit_name(spec.model_id): spec for spec in expected.values()}
         for line in out.splitlines() if code == 0 else []:
             unit = line.split()[0]
-            props = await self.show(unit, "Description", "MainPID")
+            props = await self.show(unit, "Description", "Environment", "MainPID")
             spec = by_unit.get(unit)
             pid = int(props.get("MainPID") or 0)
-            if spec is None or props.get("Description") != described(spec.model_id, spec.argv):
+            if spec is None or not _runs(props, spec):
                 log.info("stopping unit %s: its model is gone or its options changed", unit)
                 await self.systemctl("stop", "--no-block", unit)
                 continue
