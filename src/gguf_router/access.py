@@ -118,6 +118,12 @@ def served_names(settings) -> frozenset[str]:
     return frozenset(n for n in names if n)
 
 
+def _over_unix_socket(request: Request) -> bool:
+    # No page reaches a unix socket by a name it rebound; what a proxy there passes on as Host is its own.
+    info = request.conn_info
+    return info is not None and isinstance(info.sockname, str)
+
+
 def _host_served(request: Request) -> bool:
     host = request.headers.get("host")
     if host is None:  # HTTP/1.0 clients (HAProxy's health checks): no browser sends no Host
@@ -202,7 +208,7 @@ def _check(request: Request) -> None:
     if not config.api_keys:
         # Without keys, a browser's request is refused when a page of another site, or one
         # that rebound its own name to this address, made it; with keys, such a page has none.
-        if not _host_served(request):
+        if not _over_unix_socket(request) and not _host_served(request):
             raise RouterError(421, f"this router does not serve the host name '{shown(request.headers.get('host', ''))}'; "
                                    "add it with --server-name (or set an API key)")
         if _from_another_site(request):
