@@ -49,7 +49,6 @@ class ModelConfig:
 @dataclass(frozen=True)
 class Catalog:
     models: dict[str, ModelConfig]
-    presets: Presets
     warnings: tuple[str, ...] = ()
 
 
@@ -161,7 +160,7 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
     _check_aliases(models, presets, warnings)
     _check_pinned(models, presets, settings.budget_bytes())
     _hide_deduplicated(models, presets, hf_paths)
-    return Catalog(models, presets, tuple(warnings))
+    return Catalog(models, tuple(warnings))
 
 
 def _from_cache(section: Section, key: str, root: Path | None) -> tuple[Path, Path | None]:

@@ -35,7 +35,6 @@ class Option:
 
 class OptionTable:
     def __init__(self, options: list[Option]):
-        self.options = options
         self._by_key: dict[str, tuple[Option, bool]] = {}
         for opt in options:
             for name in opt.names:

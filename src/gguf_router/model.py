@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from .catalog import ModelConfig
@@ -59,7 +58,6 @@ class Exit:
     reason: str  # "unloaded", "evicted", "crashed", "killed: out of memory", "failed to start"
     failed: bool
     log_tail: tuple[str, ...] = ()
-    at: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -92,7 +90,6 @@ class Model:
         # Resolved when the pending load ends, so every request waiting for it shares one load.
         self.pending: asyncio.Future | None = None
         self.held = False  # an explicit load: its queue entry stays with no one waiting
-        self.waiting_since: float | None = None  # when it joined the queue (monotonic)
         self.generation = 0  # counts launches, so each child gets its own connection pool
         self.stop_reason: str | None = None
         self.runner: asyncio.Task | None = None

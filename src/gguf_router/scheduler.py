@@ -331,7 +331,6 @@ class Scheduler:
     def _enqueue(self, model: Model) -> None:
         model.pending = asyncio.get_running_loop().create_future()
         model.plan = Plan.QUEUED
-        model.waiting_since = time.monotonic()
         self._queue[model.id] = model
         log.info("model %s: queued for a slot (%d in queue)", model.id, len(self._queue))
         self._pump()
@@ -344,7 +343,6 @@ class Scheduler:
 
     def _settle(self, model: Model, error: Exception | None = None) -> None:
         pending, model.pending = model.pending, None
-        model.waiting_since = None
         if pending is not None and not pending.done():
             if error is None:
                 pending.set_result(None)
