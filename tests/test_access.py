@@ -264,3 +264,18 @@ async def test_a_models_props_and_metrics_under_no_autoload_need_an_admin_to_loa
         assert (await http.get("/props", headers=CALLERS["inference key"])).status_code == 200
         listed = (await http.get("/models", headers=CALLERS["admin key"])).json()["data"]
         assert {m["status"]["value"] for m in listed} == {"unloaded"}
+
+
+async def test_llama_cpps_localhost_keyword_allows_any_loopback_origin_on_any_port(tmp_path, llama_server, models_dir):
+    preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"}
+    async with serving(tmp_path, llama_server, models_dir, cors_origins=("localhost",)) as (_, http):
+        for origin in ("http://localhost:5173", "http://127.0.0.1:3000", "http://[::1]:8000", "https://localhost"):
+            answer = await http.options("/v1/chat/completions", headers={"Origin": origin, **preflight})
+            assert answer.status_code == 200 and answer.text == "", origin
+            assert answer.headers["access-control-allow-origin"] == origin
+            assert "Authorization" in answer.headers["access-control-allow-headers"]
+            listed = await http.get("/v1/models", headers={"Origin": origin, "Sec-Fetch-Site": "cross-site"})
+            assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == origin
+        for origin in ("http://localhost.evil.example", "http://evil.example", "null", "http://127.0.0.2:80"):
+            answer = await http.options("/v1/chat/completions", headers={"Origin": origin, **preflight})
+            assert "access-control-allow-origin" not in answer.headers, origin

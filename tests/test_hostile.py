@@ -154,7 +154,7 @@ def test_cross_origin_calls_only_from_named_origins(start_router):
     assert "access-control-allow-origin" not in closed.http.get("/v1/models", headers=preflight).headers
     opened = start_router("--cors-origin", "https://app.example")
     answer = opened.http.options("/v1/chat/completions", headers=preflight)
-    assert answer.status_code == 204 and answer.headers["access-control-allow-origin"] == "https://app.example"
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "https://app.example"
     assert opened.http.get("/v1/models", headers={"Origin": "https://app.example"}).headers[
         "access-control-allow-origin"] == "https://app.example"
     other = opened.http.get("/v1/models", headers={"Origin": "https://evil.example"})

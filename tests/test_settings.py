@@ -102,6 +102,12 @@ def test_bad_environment_values_name_the_variable(monkeypatch, var, value, messa
     assert caught.value.where == f"environment {var}" and message in caught.value.message
 
 
+def test_llama_servers_cors_origins_spelling_is_the_routers_own():
+    # Passed on to the children, it would reach no browser: their CORS headers never pass the router.
+    s = parse_settings(["--cors-origins", "localhost,https://a.example", "--cors-origin", "https://b.example"])
+    assert s.cors_origins == ("localhost", "https://a.example", "https://b.example") and s.child_args == ()
+
+
 def test_environment_values_take_their_field_types(monkeypatch, tmp_path):
     monkeypatch.setenv("GGUF_ROUTER_MODELS_AUTOLOAD", "off")
     monkeypatch.setenv("GGUF_ROUTER_QUEUE_TIMEOUT", "2.5")

@@ -25,6 +25,7 @@ import hmac
 import ipaddress
 import socket
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from sanic import Request
 from sanic.response import empty
@@ -228,18 +229,26 @@ def _check(request: Request) -> None:
     request.ctx.level = granted  # what the handler may show this caller (api.model_entry)
 
 
+def _loopback_origin(origin: str) -> bool:
+    """llama.cpp's `localhost` keyword: an origin on localhost, 127.0.0.1 or ::1, any port."""
+    host = urlsplit(origin).hostname if "://" in origin else None
+    return host in ("localhost", "127.0.0.1", "::1")
+
+
 def _allowed_origin(request: Request) -> str | None:
     origin = request.headers.get("origin")
     allowed = request.app.ctx.router.settings.cors_origins
-    if origin and ("*" in allowed or origin in allowed):
+    if origin and ("*" in allowed or origin in allowed or ("localhost" in allowed and _loopback_origin(origin))):
         return origin
     return None
 
 
 def cors_preflight(request: Request):
-    """A browser's OPTIONS before a cross-origin call: answered for allowed origins only."""
+    """A browser's OPTIONS before a cross-origin call: answered for allowed origins only, as
+    llama-server answers it (200, no body), but naming the headers: a `*` there would not cover
+    Authorization, which the API key travels in."""
     if request.method == "OPTIONS" and (origin := _allowed_origin(request)):
-        return empty(204, headers={
+        return empty(200, headers={
             "Access-Control-Allow-Origin": origin, "Vary": "Origin", "Access-Control-Max-Age": "600",
             "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
             "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Api-Key"})

@@ -56,8 +56,10 @@ def parser() -> argparse.ArgumentParser:
                    help="with it, managing models (load, unload, reload, logs) needs this key; the --api-key keys "
                         "then only run inference; repeatable")
     p.add_argument("--admin-api-key-file", type=Path, help="file of admin keys, one per line")
-    p.add_argument("--cors-origin", dest="cors_origins", action="append",
-                   help="an origin browsers may call the API from (https://app.example); repeatable; none by default")
+    # llama-server's own spelling too (comma-separated there): passed on, it would reach no browser.
+    p.add_argument("--cors-origin", "--cors-origins", dest="cors_origins", action="append",
+                   help="an origin browsers may call the API from (https://app.example), * for any, localhost for "
+                        "any loopback origin on any port; repeatable or comma-separated; none by default")
     p.add_argument("--server-name", dest="server_names", action="append",
                    help="a host name a router without API keys answers for, beside IP addresses, localhost and "
                         "this machine's name (others get 421); repeatable; * for any")
