@@ -208,6 +208,8 @@ async def props(request: Request):
         # The models' llama-server build, where clients that detect router mode look for it.
         "build_info": build_info(settings.llama_server),
         "gguf_router_version": __version__,
+        # Why the last reload was refused (the last good config stays in use); null when none was.
+        "config_error": router.config_error,
         "cors_proxy_enabled": False,
     })
 
