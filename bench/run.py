@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -68,23 +69,23 @@ class Target:
             self.proc.kill()
 
 
-def direct(models: Path) -> Target:
+def direct(models: Path, *extra: str) -> Target:
     port = free_port()
     return Target("direct", [str(LLAMA), "-m", str(models / "tiny-a.gguf"), "--alias", "tiny-a",
-                             "--host", "127.0.0.1", "--port", str(port)], port)
+                             "--host", "127.0.0.1", "--port", str(port), *extra], port)
 
 
-def llamacpp_router(models: Path) -> Target:
+def llamacpp_router(models: Path, *extra: str) -> Target:
     port = free_port()
     return Target("llama.cpp router", [str(LLAMA), "--models-dir", str(models), "--models-max", "2",
-                                       "--host", "127.0.0.1", "--port", str(port)], port)
+                                       "--host", "127.0.0.1", "--port", str(port), *extra], port)
 
 
-def gguf_router(models: Path) -> Target:
+def gguf_router(models: Path, *extra: str) -> Target:
     port = free_port()
     return Target("gguf-router", [sys.executable, "-m", "gguf_router", "--models-dir", str(models),
                                   "--models-max", "2", "--llama-server", str(LLAMA), "--log-level", "warning",
-                                  "--host", "127.0.0.1", "--port", str(port)], port)
+                                  "--host", "127.0.0.1", "--port", str(port), *extra], port)
 
 
 async def post(session, url, body) -> float:
@@ -390,6 +391,44 @@ async def balancer(session, models: Path, rows) -> None:
         router.stop()
 
 
+def refused_bodies(models: Path, rows) -> None:
+    """Ten clients without the key, each pushing a 62 MB body at once (what a LAN probe tried):
+    how much more memory each server holds at its peak than before."""
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 62000000\r\n\r\n")
+
+    def push(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(head)
+            try:
+                for _ in range(62):
+                    s.sendall(b"x" * (1 << 20))
+            except OSError:
+                pass  # refused and closed
+
+    for make in (direct, llamacpp_router, gguf_router):
+        target = make(models, "--api-key", "bench-key")
+        try:
+            for _ in range(3000):
+                try:
+                    with socket.create_connection(("127.0.0.1", target.port)):
+                        break
+                except OSError:
+                    time.sleep(0.01)
+            time.sleep(1)  # settled
+            before = peak = psutil.Process(target.proc.pid).memory_info().rss
+            pushers = [threading.Thread(target=push, args=(target.port,)) for _ in range(10)]
+            for t in pushers:
+                t.start()
+            while any(t.is_alive() for t in pushers):
+                peak = max(peak, psutil.Process(target.proc.pid).memory_info().rss)
+                time.sleep(0.005)
+            rows.append({"scenario": "RSS MB added, 10 x 62 MB keyless", "target": target.name,
+                         "p50_ms": (peak - before) / 2**20})
+        finally:
+            target.stop()
+
+
 def table(rows) -> str:
     by = {}
     for r in rows:
@@ -434,8 +473,10 @@ async def main() -> None:
     rows, rss, memory_rows = [], {}, []
     # Under llama-server's 5 s keep-alive (cpp-httplib): a connection idle longer is closed under us.
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
-    # `scripts/dev bench discovery`, `... memory`, `... admission`, `... startup` or `... balancer`: that part alone
-    only = sys.argv[1] if sys.argv[1:] in (["discovery"], ["memory"], ["admission"], ["startup"], ["balancer"]) else None
+    # `scripts/dev bench discovery`, `... memory`, `... admission`, `... startup`, `... balancer` or
+    # `... refused`: that part alone
+    only = sys.argv[1] if sys.argv[1:] in (["discovery"], ["memory"], ["admission"], ["startup"], ["balancer"],
+                                           ["refused"]) else None
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         if only in (None, "memory"):
             print("memory ...", file=sys.stderr)
@@ -470,6 +511,9 @@ async def main() -> None:
     if only in (None, "startup"):
         print("first request under socket activation ...", file=sys.stderr)
         startup(models, rows)
+    if only in (None, "refused"):
+        print("refused bodies ...", file=sys.stderr)
+        refused_bodies(models, rows)
     shutil.rmtree(work)
     for name, mb in rss.items():
         rows.append({"scenario": "RSS MB (router process)", "target": name, "p50_ms": mb})

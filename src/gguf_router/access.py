@@ -20,6 +20,7 @@ another origin cannot send one without a CORS preflight, which only `--cors-orig
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -113,6 +114,7 @@ def _single_header(request: Request, name: str) -> None:
         raise RouterError(400, f"the request has more than one {name} header")
 
 
+@functools.lru_cache(maxsize=4)  # per settings snapshot: asked on every request of a keyless router
 def served_names(settings) -> frozenset[str]:
     """Host names a keyless router answers for, beside IP addresses and localhost."""
     names = {socket.gethostname().lower(), settings.host.lower(), *(n.lower() for n in settings.server_names)}
