@@ -70,7 +70,7 @@ def request_for(method: str, path: str) -> dict:
 def expected_level(method: str, uri: str, params: dict) -> str:
     if (method, uri) in PUBLIC_ROUTES:
         return "public"
-    if (method, uri) in ADMIN_ROUTES or (uri in ("/models", "/v1/models") and params.get("reload") in ("1", "true")):
+    if (method, uri) in ADMIN_ROUTES or (uri in ("/models", "/v1/models") and params.get("reload") in ("1", "true", "on")):
         return "admin"
     return "key"
 
@@ -91,7 +91,8 @@ async def test_every_route_in_every_spelling_answers_each_caller_by_its_level(tm
         for method, uri in routes:
             if uri == "/models/sse":
                 continue  # a stream that never ends: its own test below
-            for query in ({}, {"reload": "1"}, {"reload": "true"}) if uri in ("/models", "/v1/models") else ({},):
+            for query in ({}, {"reload": "1"}, {"reload": "true"}, {"reload": "on"}) if uri in ("/models", "/v1/models") \
+                    else ({},):
                 level = expected_level(method, uri, query)
                 for spelling in spellings(uri):
                     extra = request_for(method, uri)

@@ -71,12 +71,17 @@ def expect_sections(sections: dict[str, dict[str, Value]], allowed: set[str], pa
 
 TRUE = frozenset({"true", "1", "on", "yes", "enabled"})
 FALSE = frozenset({"false", "0", "off", "no", "disabled"})
+BOOLEAN_HINT = "use true/false, 1/0 or on/off"
+
+
+def boolean(text: str) -> bool | None:
+    """The one reading of a boolean, wherever it is written (file, environment, query string);
+    None when the text is neither."""
+    word = text.strip().lower()
+    return True if word in TRUE else False if word in FALSE else None
 
 
 def parse_bool(value: Value, key: str) -> bool:
-    text = value.text.lower()
-    if text in TRUE:
-        return True
-    if text in FALSE:
-        return False
-    raise ConfigError(value.where, f"{key} = {value.text!r} is not a boolean: use true/false, 1/0 or on/off")
+    if (parsed := boolean(value.text)) is None:
+        raise ConfigError(value.where, f"{key} = {value.text!r} is not a boolean: {BOOLEAN_HINT}")
+    return parsed

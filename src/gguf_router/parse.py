@@ -8,9 +8,8 @@ import json
 from sanic import Blueprint, Request
 
 from .errors import bad_request, shown
+from .ini import boolean
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 
 def add_routes(blueprint: Blueprint, handler, method: str, *paths: str, access, files: bool = False) -> None:
@@ -56,7 +55,7 @@ def query_model(request: Request) -> str:
 
 def asks_reload(request: Request) -> bool:
     """`GET /models?reload=1`: the list after rereading config, presets and models."""
-    return request.args.get("reload") in ("1", "true")
+    return boolean(request.args.get("reload") or "") is True
 
 
 def autoload(request: Request) -> bool:
@@ -64,8 +63,6 @@ def autoload(request: Request) -> bool:
     value = request.args.get("autoload")
     if value is None:
         return request.app.ctx.router.settings.models_autoload
-    if value.lower() in _TRUE:
-        return True
-    if value.lower() in _FALSE:
-        return False
-    raise bad_request(f"autoload must be true or false, not '{shown(value)}'")
+    if (parsed := boolean(value)) is None:
+        raise bad_request(f"autoload must be true or false, not '{shown(value)}'")
+    return parsed

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .ini import FALSE, TRUE, ConfigError, Value, expect_sections, read_ini
+from .ini import BOOLEAN_HINT, ConfigError, Value, boolean, expect_sections, read_ini
 from .sizes import parse_size
 
 ETC_DIR = Path("/etc/gguf-router")
@@ -215,9 +215,9 @@ def _convert(name: str, raw: Any) -> Any:
     if optional and not text:
         return None
     if kind is bool:
-        if text.lower() in TRUE | FALSE:
-            return text.lower() in TRUE
-        raise ValueError(f"{raw!r} is not a boolean: use true/false, 1/0 or on/off")
+        if (parsed := boolean(text)) is None:
+            raise ValueError(f"{raw!r} is not a boolean: {BOOLEAN_HINT}")
+        return parsed
     if kind in (int, float):
         try:
             return kind(text)
