@@ -97,10 +97,6 @@ def test_idle_models_past_their_ttl_expire_but_not_pinned_busy_or_ttl_less_ones(
     assert expired(running, now=10) == ["stale"]
 
 
-def test_one_decision_over_ten_thousand_listed_models_looks_only_at_the_running_ones():
-    # The records are the slot holders and the queue: a listing of 10,000 files adds none.
-    running = [idle(f"m{i}", i) for i in range(4)]
-    assert admit([Waiting("new", GB)], running, Limits(models_max=4)).stop == ["m0"]
 
 
 # -- the Scheduler, with in-memory children ---------------------------------------------------
@@ -184,6 +180,19 @@ async def use(s: Scheduler, model_id: str) -> None:
 
 def states(s: Scheduler) -> dict[str, str]:
     return {m.id: m.state.value for m in s.models.values()}
+
+
+async def test_one_decision_over_ten_thousand_listed_models_looks_only_at_the_running_ones(launcher):
+    # The records are the slot holders and the queue: a listing of 10,000 files adds none.
+    s = scheduler(launcher, *(config(f"m{i}") for i in range(10_000)), models_max=4)
+    for i in range(4):
+        await use(s, f"m{i}")
+    assert [r.id for r in s.records()] == ["m0", "m1", "m2", "m3"]
+    await use(s, "m9999")  # the least recently used of the four makes room
+    await settle()
+    assert launcher.started == ["m0", "m1", "m2", "m3", "m9999"]
+    assert sorted(m for m, state in states(s).items() if state == "loaded") == ["m1", "m2", "m3", "m9999"]
+    assert len(s.records()) == 4
 
 
 async def test_budget_evicts_lru_idle_and_refuses_what_never_fits(launcher):
