@@ -42,10 +42,6 @@ class Level(enum.IntEnum):
     ADMIN = 3  # loading, unloading, reloading, logs, deleting; a shared child's global settings
 
 
-Access = Level | Callable[[Request], Level]
-
-
-
 def admin_if_reloading(request: Request) -> Level:
     """GET /models lists (read); with ?reload= it rereads the config (admin)."""
     return Level.ADMIN if asks_reload(request) else Level.READ
@@ -171,9 +167,10 @@ def _body_kind(request: Request) -> None:
     kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if kind == "application/json" or kind.endswith("+json"):
         return
-    if kind == "multipart/form-data" and getattr(request.route.ctx, "files", False):
+    files = getattr(request.route.ctx, "files", False)
+    if kind == "multipart/form-data" and files:
         return
-    takes = "application/json or multipart/form-data" if getattr(request.route.ctx, "files", False) else "application/json"
+    takes = "application/json or multipart/form-data" if files else "application/json"
     raise RouterError(415, f"the request body must be sent as {takes}, not {kind or 'unlabelled'} "
                            "(curl: -H 'Content-Type: application/json', or --json)")
 
@@ -203,10 +200,9 @@ def _check(request: Request) -> None:
     for name in ("content-type", "content-length"):
         _single_header(request, name)
     level = needed(request)
-    granted, key_id = caller(request)
     if level is Level.PUBLIC:
-        request.ctx.level = granted
-        return
+        return  # no key is looked at, and nothing to wait for (app.wait_for_models)
+    granted, key_id = caller(request)
     config = request.app.ctx.router.config
     if not config.api_keys:
         # Without keys, a browser's request is refused when a page of another site, or one
@@ -228,7 +224,7 @@ def _check(request: Request) -> None:
     request.app.ctx.shares.admit(protocol, getattr(protocol, "connections", ()), key_id, operator)
     if request.method == "POST":
         _body_kind(request)
-    request.ctx.level = granted  # what the handler may show this caller (api.model_entry)
+    request.ctx.level = granted  # admitted; what the handler may show this caller (api.model_entry)
 
 
 def _loopback_origin(origin: str) -> bool:

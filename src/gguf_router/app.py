@@ -20,7 +20,7 @@ from sanic.server.protocols.http_protocol import HttpProtocol
 from sanic.response import file, json as json_response
 
 from . import api, routing
-from .access import Level, check_routes, cors_headers, cors_preflight, guard, needed, refused
+from .access import Level, check_routes, cors_headers, cors_preflight, guard, refused
 from .errors import RouterError, shown
 from .metrics import count_request
 from .sizes import parse_size, size_text
@@ -140,9 +140,10 @@ class GuardedProtocol(HttpProtocol):
 
 async def wait_for_models(request: Request) -> None:
     """Until the router has read its models (right after it starts serving), a request that
-    needs them waits; /health and the page do not, nor a request refused before its handler."""
+    needs them waits: one admitted past a key check (access.guard sets its level); /health and
+    the page do not, nor a request refused before its handler."""
     started = request.app.ctx.router.started
-    if not started.is_set() and hasattr(request.ctx, "level") and needed(request) is not Level.PUBLIC:
+    if not started.is_set() and hasattr(request.ctx, "level"):
         await started.wait()
 
 

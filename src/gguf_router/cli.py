@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .errors import shown
 from .ini import ConfigError
 from .llama_options import LlamaServerError, ask_early
 from .settings import Settings, load_settings
@@ -112,8 +113,6 @@ class OneLineFormatter(logging.Formatter):
     never read as a line of its own in the journal."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        from .errors import shown
-
         record.message = shown(record.message, None)
         return super().formatMessage(record)
 

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from . import child_env, Child, ChildExit, ChildLog, LaunchError, process_gone, LaunchSpec, ProgressCallback, argv_digest, http_get
+from ..errors import shown
 from ..sizes import size_text
 from .cgroup import MemoryUse, UnitMemory, process_memory
 
@@ -48,7 +49,7 @@ def described(model_id: str, argv: tuple[str, ...]) -> str:
     """The unit's Description: names the model for `systemctl status`, and ends in the digest of its
     command line, which tells a later router whether the unit still runs what it would start.
     A plain string to systemd; the id's control characters are shown escaped."""
-    return f"gguf-router model {model_id.encode('unicode_escape').decode()} [{argv_digest(argv)}]"
+    return f"gguf-router model {shown(model_id, None)} [{argv_digest(argv)}]"
 
 
 def _runs(props: dict[str, str], spec: LaunchSpec) -> bool:
