@@ -173,7 +173,9 @@ def test_a_unit_that_keeps_crashing_ends_failed_with_the_reason(container, llama
         assert status["failed"] and "crashed 5 times" in status["error"] and status["exit_code"] == -9
         refused = http.post("/v1/chat/completions", json=chat("tiny-a"))
         assert refused.status_code == 503 and "crashed 5 times" in refused.json()["error"]["message"]
-        assert c.run("systemctl", "list-units", "--plain", "--no-legend", "gguf-router-model-tiny-a-*").strip() == ""
+        # The router reads the exit report the unit's ExecStopPost writes, which may still be exiting then.
+        c.wait_for(lambda: c.run("systemctl", "list-units", "--plain", "--no-legend",
+                                 "gguf-router-model-tiny-a-*").strip() == "", what="the failed unit collected")
 
 
 def test_a_long_context_real_model_gets_a_limit_it_fits_in_and_an_oom_while_loading_is_named(container, llama_server,
