@@ -8,6 +8,7 @@ and results/latest.png. Run it with `scripts/dev bench`.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -76,6 +77,7 @@ def direct(models: Path, *extra: str) -> Target:
 
 
 def llamacpp_router(models: Path, *extra: str) -> Target:
+    """At --models-max 2 unless `extra` says otherwise (the last of a repeated flag counts)."""
     port = free_port()
     return Target("llama.cpp router", [str(LLAMA), "--models-dir", str(models), "--models-max", "2",
                                        "--host", "127.0.0.1", "--port", str(port), *extra], port)
@@ -306,36 +308,83 @@ def memory_table(rows) -> str:
     return "\n".join(lines)
 
 
-def admission(models: Path, rows) -> None:
+def admission(rows) -> None:
     """What one admission decision costs with 10,000 models listed, 4 of them running and one
-    waiting: the scheduler's records of the running models and policy.admit over them."""
-    from gguf_router import policy
-    from gguf_router.catalog import ModelConfig
-    from gguf_router.discovery import ModelFile
-    from gguf_router.ggufinfo import read_info
-    from gguf_router.memory import estimate
-    from gguf_router.model import ModelState
-    from gguf_router.scheduler import Scheduler
+    request arriving for another: one step of the scheduler's pure core."""
+    from gguf_router.policy import Limits
+    from gguf_router.scheduling import inputs as ev
+    from gguf_router.scheduling.effects import Stop
+    from gguf_router.scheduling.records import Fleet, ModelSpec
+    from gguf_router.scheduling.step import step
 
-    info = read_info(models / "tiny-a.gguf")
-    memory = estimate(info, {})
-    configs = {f"m{i:05d}": ModelConfig(ModelFile(f"m{i:05d}", models / "tiny-a.gguf", "models_dir", info=info),
-                                        ("llama-server",), memory=memory) for i in range(10_000)}
-    scheduler = Scheduler(None, Path("/nonexistent"), policy.Limits(4, 1 << 34))
-    scheduler.set_catalog(configs)
-    for model in list(scheduler.models.values())[:4]:
-        model.set_state(ModelState.LOADING)
-        model.set_state(ModelState.LOADED)
-    newcomer = scheduler.models["m09999"]
+    specs = {f"m{i:05d}": ModelSpec(f"m{i:05d}", estimate=100 << 20) for i in range(10_000)}
+    fleet, _ = step(Fleet(), ev.Configure(specs, Limits(4, 1 << 34)), 0.0)
+    for ticket, model_id in enumerate(list(specs)[:4]):
+        fleet, _ = step(fleet, ev.Arrive(ticket, model_id), ticket)
+        fleet, _ = step(fleet, ev.Ready(model_id, 1, 1), ticket)
+        fleet, _ = step(fleet, ev.Release(model_id), ticket)
     times = []
     for _ in range(2000):
         t = time.perf_counter()
-        decision = policy.admit([policy.Waiting(newcomer.id, scheduler.counted(newcomer))], scheduler.records(),
-                                scheduler.limits)
+        _, effects = step(fleet, ev.Arrive(99, "m09999"), 10.0)
         times.append(time.perf_counter() - t)
-    assert decision.stop == ["m00000"]
+    assert [e.model for e in effects if isinstance(e, Stop)] == ["m00000"]
     rows.append({"scenario": "admission decision, 10000 models", "target": "gguf-router",
                  "p50_ms": pct(times, 0.5), "p99_ms": pct(times, 0.99)})
+
+
+async def churn(session, rows, models: Path, names: list[str], clients: int, models_max: int, label: str,
+                seconds: float = 30.0) -> None:
+    """Many clients over more models than slots, for `seconds`: client i asks for names[(i + k) % n]
+    on its k-th request, so every model is always wanted. Counted: the answers that came back, and
+    how long each request waited for its answer (one still waiting at the end counts with what it
+    has waited so far, so a starved client shows)."""
+    for make in (llamacpp_router, gguf_router):
+        target = make(models, "--models-max", str(models_max))
+        waits: list[float] = []
+        answered = failed = 0
+        try:
+            await target.ready(session)
+
+            async def client(i: int) -> None:
+                nonlocal answered, failed
+                for k in itertools.count():
+                    body = {**QUESTION, "model": names[(i + k) % len(names)]}
+                    t = time.perf_counter()
+                    try:
+                        async with session.post(target.url + "/v1/chat/completions", json=body) as r:
+                            await r.read()
+                            answered, failed = answered + (r.status == 200), failed + (r.status != 200)
+                    finally:
+                        waits.append(time.perf_counter() - t)
+
+            tasks = [asyncio.create_task(client(i)) for i in range(clients)]
+            await asyncio.sleep(seconds)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            target.stop()
+        rows.append({"scenario": f"churn {label}", "target": target.name, "rps": answered / seconds,
+                     "p50_ms": pct(waits, 0.5), "p99_ms": pct(waits, 0.99), "answered": answered,
+                     "failed": failed})
+        print(f"  {label}: {target.name}: {answered} answered, {failed} failed, p50 wait "
+              f"{pct(waits, 0.5) / 1000:.1f} s, p99 {pct(waits, 0.99) / 1000:.1f} s", file=sys.stderr)
+
+
+async def churns(session, rows, work: Path) -> None:
+    tiny = work / "churn-tiny"
+    names = ["tiny-a", "tiny-b", "tiny-c", "tiny-d"]
+    for seed, name in enumerate(names):
+        write_tiny_model(tiny / f"{name}.gguf", seed=seed)
+    await churn(session, rows, tiny, names, clients=24, models_max=2, label="24 clients, 4 tiny, max 2")
+    real = work / "churn-real"
+    real.mkdir()
+    files = [f for _, f, _ in MEMORY_CASES[::3]]
+    for f in files:
+        (real / f).symlink_to(REAL_MODELS / f)
+    await churn(session, rows, real, [Path(f).stem for f in files], clients=8, models_max=1,
+                label="8 clients, 2 real, max 1")
 
 
 async def balancer(session, models: Path, rows) -> None:
@@ -473,10 +522,10 @@ async def main() -> None:
     rows, rss, memory_rows = [], {}, []
     # Under llama-server's 5 s keep-alive (cpp-httplib): a connection idle longer is closed under us.
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
-    # `scripts/dev bench discovery`, `... memory`, `... admission`, `... startup`, `... balancer` or
-    # `... refused`: that part alone
+    # `scripts/dev bench discovery`, `... memory`, `... admission`, `... startup`, `... balancer`,
+    # `... refused` or `... churn`: that part alone
     only = sys.argv[1] if sys.argv[1:] in (["discovery"], ["memory"], ["admission"], ["startup"], ["balancer"],
-                                           ["refused"]) else None
+                                           ["refused"], ["churn"]) else None
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         if only in (None, "memory"):
             print("memory ...", file=sys.stderr)
@@ -506,8 +555,11 @@ async def main() -> None:
         if only in (None, "balancer"):
             print("balancer ...", file=sys.stderr)
             await balancer(session, models, rows)
+        if only in (None, "churn"):
+            print("churn ...", file=sys.stderr)
+            await churns(session, rows, work)
     if only in (None, "admission"):
-        admission(models, rows)
+        admission(rows)
     if only in (None, "startup"):
         print("first request under socket activation ...", file=sys.stderr)
         startup(models, rows)

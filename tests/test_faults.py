@@ -132,7 +132,7 @@ def test_a_stopped_router_stops_its_children_cleanly(router):
     router.stop()
     assert router.proc.returncode == 0
     assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in children)
-    assert router.log().count("unloading -> unloaded (unloaded, exit code 0)") == 2
+    assert router.log().count("unloading -> unloaded (the router is stopping, exit code 0)") == 2
 
 
 def test_a_hung_child_is_killed_reported_unresponsive_and_restarted(start_router):

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import GEMMA, SMOL, chat
 from gguf_router.ggufinfo import GGUFInfo, read_info
-from gguf_router.memory import MiB, Floors, estimate, memory_limits
+from gguf_router.memory import MiB, Floors, estimate, floor_after, memory_limits
 
 
 def peak_rss(pid: int) -> int:
@@ -112,8 +112,9 @@ def test_limits_and_floors(tmp_path):
     memory_max, memory_high = memory_limits(e)
     assert e.host + e.growth < memory_high < memory_max
     floors = Floors(tmp_path / "floors.json")
-    floor = floors.record("m", ("llama-server", "-c", "4096"), 1000 * MiB)
-    assert floor == 1200 * MiB and memory_limits(e, floor)[0] > floor
+    floor = floor_after(1000 * MiB, 0)
+    floors.record("m", ("llama-server", "-c", "4096"), floor)
+    assert floor == 1200 * MiB == floor_after(1000 * MiB, floor) and memory_limits(e, floor)[0] > floor
     again = Floors(tmp_path / "floors.json")  # a restarted router remembers
     assert again.get("m", ("llama-server", "-c", "4096")) == floor
     assert again.get("m", ("llama-server", "-c", "8192")) == 0  # other options: no longer meaningful

@@ -1,22 +1,8 @@
-"""The scheduling rules without processes: policy.py's pure decisions, then the Scheduler itself
-driving in-memory children (a launcher whose children are futures), each case in milliseconds."""
+"""policy.py's admission rules over plain records, each case in microseconds."""
 
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
-
-import pytest
-
-from gguf_router.catalog import ModelConfig
-from gguf_router.crashes import LIMIT
-from gguf_router.discovery import ModelFile
-from gguf_router.errors import RouterError
-from gguf_router.ggufinfo import GGUFInfo
-from gguf_router.launchers import LaunchSpec
-from gguf_router.memory import MiB, estimate
-from gguf_router.policy import Limits, Running, Waiting, admit, expired, never_fits
-from gguf_router.scheduler import QueueLimits, Scheduler
+from gguf_router.policy import MIN_RESIDENT, Limits, Running, Waiting, admit, expired, never_fits
 
 GB = 1 << 30
 
@@ -97,239 +83,40 @@ def test_idle_models_past_their_ttl_expire_but_not_pinned_busy_or_ttl_less_ones(
     assert expired(running, now=10) == ["stale"]
 
 
+def serving(model_id, loaded_at, load_took=0.5, **extra):
+    return Running(model_id, stopping=False, idle=False, last_used=loaded_at, bytes=GB, busy=True,
+                   loaded_at=loaded_at, load_took=load_took, **extra)
 
 
-# -- the Scheduler, with in-memory children ---------------------------------------------------
-
-class FakeChild:
-    def __init__(self, spec):
-        self.socket, self.pid, self.info, self.unit = spec.socket, 1000, {}, None
-        self.oom, self.peak = None, None
-        self.exit: asyncio.Future = asyncio.get_running_loop().create_future()
-
-    async def wait(self) -> int:
-        return await asyncio.shield(self.exit)
-
-    async def stop(self, timeout: float) -> int:
-        if not self.exit.done():
-            self.exit.set_result(0)
-        return await self.wait()
-
-    def crash(self) -> None:
-        self.exit.set_result(-9)
-
-    async def kill(self) -> None:
-        if not self.exit.done():
-            self.crash()
-
-    def log_tail(self):
-        return ()
-
-    def memory(self):
-        return None
+def test_when_no_model_is_idle_the_longest_loaded_busy_one_drains():
+    running = [serving("recent", 50), serving("oldest", 10), serving("old", 20)]
+    d = admit([Waiting("a", GB)], running, Limits(models_max=3), now=60)
+    assert (d.start, d.stop, d.drain) == ([], [], ["oldest"])
 
 
-class FakeLauncher:
-    outlives_router = False
-
-    def __init__(self):
-        self.started: list[str] = []
-        self.children: dict[str, FakeChild] = {}
-        self.adoptable: dict[str, FakeChild] = {}
-        self.gate: asyncio.Event | None = None  # when set, starts wait for it (a slow load)
-
-    async def start(self, spec, progress):
-        if self.gate is not None:
-            await self.gate.wait()
-        self.started.append(spec.model_id)
-        self.children[spec.model_id] = FakeChild(spec)
-        return self.children[spec.model_id]
-
-    async def adopt(self, expected):
-        return {k: v for k, v in self.adoptable.items() if k in expected}
+def test_an_idle_model_is_stopped_before_a_busy_one_is_drained():
+    running = [serving("busy", 0), idle("idle", 5)]
+    d = admit([Waiting("a", GB)], running, Limits(models_max=2), now=60)
+    assert (d.stop, d.drain) == (["idle"], [])
 
 
-def config(model_id: str, size_mib: int = 100, pinned=False, ttl=0.0) -> ModelConfig:
-    info = GGUFInfo("llama", None, 4096, 1, None, size_mib * MiB, 1,
-                    {"block_count": 1, "embedding_length": 64, "attention.head_count": 1}, 100, size_mib * MiB)
-    file = ModelFile(model_id, Path(f"/models/{model_id}.gguf"), "models_dir", info=info)
-    launch = LaunchSpec(model_id=model_id, argv=("llama-server", model_id), socket=Path(f"/run/{model_id}.sock"),
-                        stop_timeout=10.0)
-    return ModelConfig(file=file, launch=launch, memory=estimate(info, {"c": "256"}), pinned=pinned, ttl=ttl)
+def test_a_model_drains_only_after_its_minimum_residency():
+    slow = serving("slow", 0, load_took=40)  # twice its load time: 80 s
+    assert admit([Waiting("a", GB)], [serving("fresh", 60 - MIN_RESIDENT / 2)], Limits(1), now=60).drain == []
+    assert admit([Waiting("a", GB)], [slow], Limits(1), now=60).drain == []
+    assert admit([Waiting("a", GB)], [slow], Limits(1), now=80).drain == ["slow"]
 
 
-async def settle():
-    for _ in range(20):
-        await asyncio.sleep(0)
+def test_pinned_models_never_drain_and_a_drain_is_kept_only_while_needed():
+    assert admit([Waiting("a", GB)], [serving("pinned", 0, pinned=True)], Limits(1), now=60).drain == []
+    draining = Running("d", stopping=False, idle=False, last_used=0, bytes=GB, busy=True, draining=True)
+    assert admit([Waiting("a", GB)], [draining], Limits(1), now=1).drain == ["d"]  # already on its way out
+    assert admit([], [draining], Limits(1), now=1).drain == []  # nothing waits any more: it may stay
+    d = admit([Waiting("a", GB)], [draining, idle("i", 0)], Limits(2), now=1)
+    assert (d.stop, d.drain) == (["i"], [])  # a model gone idle makes room: the drain is called off
 
 
-@pytest.fixture
-def launcher():
-    return FakeLauncher()
-
-
-def scheduler(launcher, *configs, models_max=0, budget=None, queue=None) -> Scheduler:
-    s = Scheduler(launcher, Limits(models_max, budget), queue=queue)
-    s.set_catalog({c.id: c for c in configs})
-    return s
-
-
-async def use(s: Scheduler, model_id: str) -> None:
-    s.release(await s.acquire(model_id, autoload=True))
-
-
-def states(s: Scheduler) -> dict[str, str]:
-    return {m.id: m.state.value for m in s.models.values()}
-
-
-async def test_one_decision_over_ten_thousand_listed_models_looks_only_at_the_running_ones(launcher):
-    # The records are the slot holders and the queue: a listing of 10,000 files adds none.
-    s = scheduler(launcher, *(config(f"m{i}") for i in range(10_000)), models_max=4)
-    for i in range(4):
-        await use(s, f"m{i}")
-    assert [r.id for r in s.records()] == ["m0", "m1", "m2", "m3"]
-    await use(s, "m9999")  # the least recently used of the four makes room
-    await settle()
-    assert launcher.started == ["m0", "m1", "m2", "m3", "m9999"]
-    assert sorted(m for m, state in states(s).items() if state == "loaded") == ["m1", "m2", "m3", "m9999"]
-    assert len(s.records()) == 4
-
-
-async def test_budget_evicts_lru_idle_and_refuses_what_never_fits(launcher):
-    s = scheduler(launcher, config("a", 400), config("b", 400), config("c", 400), config("huge", 2000),
-                  budget=1000 * MiB)
-    await use(s, "a")
-    await use(s, "b")
-    await use(s, "c")  # a is the least recently used: stopped for c
-    await settle()
-    assert states(s) == {"a": "unloaded", "b": "loaded", "c": "loaded", "huge": "unloaded"}
-    with pytest.raises(RouterError) as refused:
-        await s.acquire("huge", autoload=True)
-    assert refused.value.status == 503 and "memory budget" in refused.value.message
-    assert launcher.started == ["a", "b", "c"]  # nothing started for it
-
-
-async def test_a_pinned_model_is_never_the_victim(launcher):
-    s = scheduler(launcher, config("pinned", pinned=True), config("b"), config("c"), models_max=2)
-    await use(s, "pinned")
-    await use(s, "b")
-    await use(s, "c")
-    await settle()
-    assert states(s) == {"pinned": "loaded", "b": "unloaded", "c": "loaded"}
-
-
-async def test_ttl_stops_an_idle_model(launcher, monkeypatch):
-    monkeypatch.setattr("gguf_router.scheduler.TICK", 0.01)
-    s = scheduler(launcher, config("short", ttl=0.05), config("long"))
-    await use(s, "short")
-    await use(s, "long")
-    ticking = asyncio.create_task(s.tick())
-    await asyncio.sleep(0.2)
-    ticking.cancel()
-    await settle()
-    assert states(s) == {"short": "unloaded", "long": "loaded"}
-    assert s.models["short"].last_exit.reason == "idle for 0.05 s (ttl)"
-
-
-async def test_the_queue_bound_and_timeout_answer_503_with_retry_after(launcher):
-    launcher.gate = asyncio.Event()  # loads hang until opened
-    s = scheduler(launcher, config("a"), config("b"), queue=QueueLimits(max_waiting=2, timeout=0.05))
-    first = asyncio.create_task(s.acquire("a", autoload=True))
-    second = asyncio.create_task(s.acquire("a", autoload=True))
-    await settle()
-    assert s.models["a"].waiters == 2
-    with pytest.raises(RouterError) as full:
-        await s.acquire("b", autoload=True)
-    assert full.value.status == 503 and full.value.headers == {"Retry-After": "5"}
-    for waiting in (first, second):
-        with pytest.raises(RouterError) as late:
-            await waiting
-        assert "queue timeout" in late.value.message and late.value.headers["Retry-After"] == "5"
-    assert s.refused == {"queue_full": 1, "queue_timeout": 2, "never_fits": 0}
-    launcher.gate.set()
-
-
-async def test_unload_while_queued_leaves_the_queue_and_tells_the_waiting(launcher):
-    s = scheduler(launcher, config("a"), config("b"), models_max=1)
-    await use(s, "a")
-    s.models["a"].in_flight += 1  # a is serving: b must queue
-    waiting = asyncio.create_task(s.acquire("b", autoload=True))
-    await settle()
-    assert s.queue_position(s.models["b"]) == 1
-    s.unload("b")
-    with pytest.raises(RouterError) as left:
-        await waiting
-    assert "unloaded before it got a slot" in left.value.message
-    assert s.queue_position(s.models["b"]) is None and launcher.started == ["a"]
-
-
-async def test_an_explicit_load_during_crash_backoff_restarts_at_once(launcher):
-    s = scheduler(launcher, config("a"))
-    await use(s, "a")
-    launcher.children["a"].crash()
-    await settle()
-    model = s.models["a"]
-    assert model.plan.value == "backoff" and model.restart_at is not None
-    s.load("a")
-    await settle()
-    assert model.state.value == "loaded" and launcher.started == ["a", "a"] and model.restart_timer is None
-
-
-async def test_a_model_that_keeps_crashing_is_failed_until_loaded_again(launcher):
-    s = scheduler(launcher, config("a"))
-    for _ in range(LIMIT):
-        await use(s, "a")
-        launcher.children["a"].crash()
-        await settle()
-        if s.models["a"].plan.value == "backoff":
-            s._restart_after_crash(s.models["a"])
-            await settle()
-    assert s.models["a"].plan.value == "failed"
-    with pytest.raises(RouterError) as failed:
-        await s.acquire("a", autoload=True)
-    assert failed.value.status == 503 and "crashed" in failed.value.message
-
-
-async def test_a_lower_models_max_on_reload_stops_idle_models_only_when_room_is_needed(launcher):
-    s = scheduler(launcher, config("a"), config("b"), config("c"), models_max=3)
-    for m in ("a", "b", "c"):
-        await use(s, m)
-    s.limits = Limits(1, None)  # a reload lowered models-max: nothing running is cut off ...
-    s.set_catalog({m.id: m.config for m in s.models.values()})
-    await settle()
-    assert set(states(s).values()) == {"loaded"}
-    s.models["c"].last_used = 1e12  # ... but the next newcomer makes room down to the new limit
-    s.set_catalog({**{m.id: m.config for m in s.models.values()}, "d": config("d")})
-    await use(s, "d")
-    await settle()
-    assert states(s) == {"a": "unloaded", "b": "unloaded", "c": "unloaded", "d": "loaded"}
-
-
-async def test_adoption_without_a_free_slot_stops_the_extra_child(launcher):
-    s = scheduler(launcher, config("a"), config("b"), models_max=1)
-    launcher.adoptable = {m: FakeChild(s.spec_for(s.models[m])) for m in ("a", "b")}
-    await s.adopt()
-    await settle()
-    assert states(s) == {"a": "loaded", "b": "unloaded"}
-    assert launcher.adoptable["b"].exit.done() and not launcher.adoptable["a"].exit.done()
-
-
-async def test_requests_for_one_model_share_one_queue_entry_and_one_load(launcher):
-    launcher.gate = asyncio.Event()
-    s = scheduler(launcher, config("a"))
-    waiting = [asyncio.create_task(s.acquire("a", autoload=True)) for _ in range(12)]
-    await settle()
-    assert s.models["a"].waiters == 12
-    launcher.gate.set()
-    for model in await asyncio.gather(*waiting):
-        s.release(model)
-    assert launcher.started == ["a"]
-
-
-async def test_a_model_seen_using_more_is_counted_at_its_peak(launcher):
-    s = scheduler(launcher, config("a", 300), config("b", 300), budget=800 * MiB)
-    await use(s, "a")
-    s.models["a"].peak = 600 * MiB  # measured: it grew past its estimate
-    await use(s, "b")
-    await settle()
-    assert states(s) == {"a": "unloaded", "b": "loaded"}
+def test_a_draining_model_is_not_drained_again_for_its_own_next_turn():
+    draining = Running("d", stopping=False, idle=False, last_used=0, bytes=GB, busy=True, draining=True)
+    d = admit([Waiting("a", GB), Waiting("d", GB, startable=False)], [draining, serving("b", 0)], Limits(2), now=60)
+    assert d.drain == ["d", "b"]  # "a" takes d's slot; d's next child waits for b's

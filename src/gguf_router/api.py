@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 from sanic import Blueprint, Request
 from sanic.response import JSONResponse, json as json_response, raw
@@ -16,61 +15,64 @@ from .errors import RouterError
 from .ini import ConfigError
 from .llama_options import build_info
 from .metrics import render as render_metrics
-from .model import HOLDS_SLOT, Model, ModelState, Plan
+from .scheduling.records import Phase
+from .scheduling.views import ModelView
 from .parse import add_routes, asks_reload, json_body, model_field, query_model
 from .routing import serve
 
 bp = Blueprint("api")
 
 
-def memory_status(model: Model, floor: int) -> dict:
+def memory_status(model: ModelView) -> dict:
     """The estimate for every usable model; for a running one also what it uses, its peak and
     the limit the kernel holds it to (systemd launcher)."""
     if model.config.memory is None:
         return {}
-    estimate = model.config.memory
+    estimate, record = model.config.memory, model.record
     status = {"memory_estimate_bytes": estimate.host, "memory_estimate": estimate.as_json()}
-    if floor:
-        status["memory_floor_bytes"] = floor  # learned from an out-of-memory kill
+    if record.spec.floor:
+        status["memory_floor_bytes"] = record.spec.floor  # learned from an out-of-memory kill
     # What the last tick sampled (once a second): looking at the router never changes what it
     # counts (the peak a sample raises is charged to the budget).
-    if model.state is ModelState.LOADED and (use := model.memory_use) is not None:
-        status.update(memory_bytes=use.current, memory_peak_bytes=model.peak, memory_limit_bytes=use.limit)
+    if model.serving and (use := record.memory) is not None:
+        status.update(memory_bytes=use.current, memory_peak_bytes=record.peak, memory_limit_bytes=use.limit)
     return status
 
 
-def model_entry(model: Model, scheduler, admin: bool) -> dict:
+def model_entry(model: ModelView, admin: bool) -> dict:
     """`admin`: with what only admins see (its command line and preset, which may hold secrets
     such as --hf-token, and its log); others see the model, its state and its memory."""
-    file = model.file
-    status: dict = {"value": model.state.value}
+    file, record = model.file, model.record
+    status: dict = {"value": model.state}
     if admin:
-        status.update(args=list(model.argv), preset=model.config.preset_text)
-    if model.waiters or model.plan is Plan.QUEUED:
+        status.update(args=list(model.config.argv), preset=model.config.preset_text)
+    if record.tickets or model.position is not None:
         # Requests waiting for it to load, and its place in the queue for a slot (1 = next).
-        status["queue"] = {"waiting": model.waiters, "position": scheduler.queue_position(model)}
-    if model.pinned:
+        status["queue"] = {"waiting": record.waiting, "position": model.position}
+    if record.spec.pinned:
         status["pinned"] = True
+    if model.phase is Phase.DRAINING:
+        status["draining"] = True  # chosen to stop: finishes what it serves, new requests wait for its next turn
     if file.error:
         status.update(value="invalid", failed=True, error=file.error)
-    elif model.state is ModelState.LOADING and model.progress is not None:
-        status["progress"] = model.progress
-    elif model.state is ModelState.UNLOADED and model.last_exit and model.last_exit.failed:
-        last = model.last_exit
-        status.update(exit_code=last.code, failed=True, error=model.failure or last.reason,
-                      crashes=len(model.crashes))
+    elif model.phase is Phase.LOADING and record.progress is not None:
+        status["progress"] = record.progress
+    elif model.state == "unloaded" and record.last_exit and record.last_exit.failed:
+        last = record.last_exit
+        status.update(exit_code=last.code, failed=True, error=record.failure or last.reason,
+                      crashes=len(record.crashes))
         if admin:
             status["log_tail"] = list(last.log_tail)
-        if model.restart_at is not None:
-            status["restart_in"] = round(max(model.restart_at - time.time(), 0.0), 1)
-    if model.state is ModelState.LOADED:
-        status["in_flight"] = model.in_flight
-        status["idle_seconds"] = 0 if model.in_flight else round(time.monotonic() - model.last_used, 1)
-    status.update(memory_status(model, scheduler.memory_floor(model)))
-    if model.state in HOLDS_SLOT:
-        status["memory_counted_bytes"] = scheduler.counted(model)  # what the budget counts it at
-    if model.child is not None and model.child.unit:
-        status["unit"] = model.child.unit
+        if model.restart_in is not None:
+            status["restart_in"] = round(model.restart_in, 1)
+    if model.serving:
+        status["in_flight"] = record.in_flight
+        status["idle_seconds"] = round(model.idle_seconds, 1)
+    status.update(memory_status(model))
+    if model.holds_slot:
+        status["memory_counted_bytes"] = record.counted  # what the budget counts it at
+    if model.unit:
+        status["unit"] = model.unit
     try:
         created = int(file.path.stat().st_mtime)
     except OSError:
@@ -89,9 +91,9 @@ def model_entry(model: Model, scheduler, admin: bool) -> dict:
         "can_remove": file.source == "cache",  # DELETE /models?model= deletes its files
         "gguf": file.info.as_json() if file.info else None,
     }
-    if model.loaded_info:
+    if record.info:
         # As llama.cpp does: the child's own description (its "meta") fills what is missing.
-        for key, value in model.loaded_info.items():
+        for key, value in record.info.items():
             entry.setdefault(key, value)
     return entry
 
@@ -104,10 +106,9 @@ async def list_models(request: Request) -> JSONResponse:
     router = request.app.ctx.router
     if asks_reload(request):
         await reload_router(router)
-    models = sorted((m for m in router.scheduler.models.values() if not m.removed and not m.config.hidden),
-                    key=lambda m: m.id)
     admin = request.ctx.level is Level.ADMIN
-    return json_response({"data": [model_entry(m, router.scheduler, admin) for m in models], "object": "list"})
+    models = router.scheduler.views(listed_only=True)
+    return json_response({"data": [model_entry(m, admin) for m in models], "object": "list"})
 
 
 async def model_events(request: Request):
@@ -142,14 +143,17 @@ async def model_events(request: Request):
 async def model_logs(request: Request) -> JSONResponse:
     """A model's recent llama-server log: from the router's memory for a child process, from the
     journal for a unit; `total` counts every line so far, so `gguf-router logs -f` prints only new ones."""
-    model = request.app.ctx.router.scheduler.get(query_model(request))
-    if model.child is not None:
-        log = await model.child.recent_log()
+    scheduler = request.app.ctx.router.scheduler
+    model = scheduler.view(query_model(request))
+    child = scheduler.child(model.id)
+    if child is not None:
+        log = await child.recent_log()
         reply = {"model": model.id, "lines": list(log.lines), "total": log.total}
-        if model.child.unit:
-            reply.update(unit=model.child.unit, journal_match=log.journal_match)
+        if child.unit:
+            reply.update(unit=child.unit, journal_match=log.journal_match)
         return json_response(reply)
-    lines = list(model.last_exit.log_tail) if model.last_exit else []
+    last = model.record.last_exit
+    lines = list(last.log_tail) if last else []
     return json_response({"model": model.id, "lines": lines, "total": len(lines)})
 
 
@@ -200,7 +204,7 @@ async def props(request: Request):
         "models_autoload": settings.models_autoload,
         # What the models may hold together (null: no budget), and what the running ones are counted at.
         "memory_budget_bytes": router.scheduler.limits.budget,
-        "memory_reserved_bytes": router.scheduler.memory_reserved(),
+        "memory_reserved_bytes": router.scheduler.fleet.reserved,
         "model_alias": "llama-server",
         "model_path": "none",
         "default_generation_settings": {"params": None, "n_ctx": 0},

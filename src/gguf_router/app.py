@@ -22,6 +22,8 @@ from sanic.response import file, json as json_response
 from . import api, routing
 from .access import Level, check_routes, cors_headers, cors_preflight, guard, refused
 from .errors import RouterError, shown
+from .refusals import http_error
+from .scheduling.records import Refused
 from .metrics import count_request
 from .sizes import parse_size, size_text
 from .router import Router
@@ -47,6 +49,8 @@ class OpenAIErrorHandler(ErrorHandler):
             refused(request.stream)  # no such route: what is left of the body is only dropped
         if isinstance(exception, RouterError):
             error = exception
+        elif isinstance(exception, Refused):
+            error = http_error(exception)
         elif isinstance(exception, PayloadTooLarge):
             # Sanic raises the one exception for both; its message is what tells them apart.
             if "header" in str(exception):

@@ -297,14 +297,20 @@ def estimate(info: GGUFInfo, options: dict[str, str], weights: int | None = None
                           int(min(prompt_cache, 64 * GiB)), n_ctx, conservative)
 
 
+FLOOR_MARGIN = 1.2  # a model killed for memory is taken to need its peak plus a fifth from then on
+
+
+def floor_after(peak: int, known: int) -> int:
+    """What a model killed for memory at `peak` is taken to need at least, beside what was known."""
+    return max(int(peak * FLOOR_MARGIN), known)
+
+
 class Floors:
     """What models that were killed for memory are known to need, kept across router restarts.
 
     A model killed by its memory limit starts again with its recorded peak plus a fifth as the
     least it is taken to need, so its next limit is higher; the record belongs to one command
     line, since other options (another context size) make the old peak meaningless."""
-
-    MARGIN = 1.2
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -320,8 +326,8 @@ class Floors:
         entry = self._floors.get(model_id)
         return int(entry["bytes"]) if entry and entry.get("argv") == argv_digest(argv) else 0
 
-    def record(self, model_id: str, argv: tuple[str, ...], peak: int) -> int:
-        floor = max(int(peak * self.MARGIN), self.get(model_id, argv))
+    def record(self, model_id: str, argv: tuple[str, ...], floor: int) -> None:
+        """Keeps `floor` (from `floor_after`) for the model's command line."""
         self._floors[model_id] = {"argv": argv_digest(argv), "bytes": floor}
         if self.path is not None:
             try:
@@ -331,4 +337,3 @@ class Floors:
                 tmp.replace(self.path)
             except OSError as exc:
                 log.warning("memory floor of %s not saved in %s: %s", model_id, self.path, exc)
-        return floor

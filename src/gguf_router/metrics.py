@@ -11,7 +11,7 @@ import asyncio
 import re
 from collections import defaultdict
 
-from .model import ModelState
+from .scheduling.records import STATUS
 
 CHILD_TIMEOUT = 2.0
 
@@ -47,9 +47,9 @@ class Family:
 
 
 def router_families(router, request_counts: dict) -> list[Family]:
-    models = sorted(router.scheduler.models.values(), key=lambda m: m.id)
+    models = router.scheduler.views()
     state = Family("gguf_router_model_state", "gauge", "1 for the state each model is in")
-    states = [s.value for s in ModelState] + ["invalid"]
+    states = list(dict.fromkeys(STATUS.values())) + ["invalid"]
     counters = {
         "loads": Family("gguf_router_model_loads_total", "counter", "llama-server starts that became ready"),
         "evictions": Family("gguf_router_model_evictions_total", "counter", "unloads to make room (LRU)"),
@@ -69,20 +69,21 @@ def router_families(router, request_counts: dict) -> list[Family]:
                       "host memory a model is estimated to need once loaded, from its GGUF and options")
     limit = Family("gguf_router_model_memory_limit_bytes", "gauge", "the memory limit enforced on a loaded model's unit")
     for m in models:
-        current = "invalid" if m.file.error else m.state.value
+        record, stats = m.record, m.record.stats
+        current = "invalid" if m.file.error else m.state
         for value in states:
             state.add(int(value == current), model=m.id, state=value)
         for key, family in counters.items():
-            family.add(getattr(m.stats, key), model=m.id)
-        load_seconds.add(round(m.stats.load_seconds, 6), "_sum", model=m.id)
-        load_seconds.add(m.stats.loads, "_count", model=m.id)
-        in_flight.add(m.in_flight, model=m.id)
-        queued.add(m.waiters, model=m.id)
+            family.add(getattr(stats, key), model=m.id)
+        load_seconds.add(round(stats.load_seconds, 6), "_sum", model=m.id)
+        load_seconds.add(stats.loads, "_count", model=m.id)
+        in_flight.add(record.in_flight, model=m.id)
+        queued.add(record.waiting, model=m.id)
         if m.config.memory is not None:
             estimate.add(m.config.memory.host, model=m.id)
-        if m.state is ModelState.LOADED and (use := m.memory_use) is not None:
+        if m.serving and (use := record.memory) is not None:
             memory.add(use.current, model=m.id)
-            peak.add(m.peak, model=m.id)
+            peak.add(record.peak, model=m.id)
             if use.limit is not None:
                 limit.add(use.limit, model=m.id)
     requests = Family("gguf_router_requests_total", "counter", "requests answered, by model, endpoint and status")
@@ -99,19 +100,19 @@ def router_families(router, request_counts: dict) -> list[Family]:
             ("process_open_fds", "gauge", "the router's open file descriptors", process.num_fds()),
             ("process_start_time_seconds", "gauge", "when the router started (unix time)", process.create_time()),
         ]
-    scheduler = router.scheduler
+    fleet = router.scheduler.fleet
     waited = Family("gguf_router_queue_wait_seconds", "summary", "time requests waited for their model to load")
-    waited.add(round(scheduler.waited[1], 6), "_sum")
-    waited.add(scheduler.waited[0], "_count")
+    waited.add(round(fleet.waited[1], 6), "_sum")
+    waited.add(fleet.waited[0], "_count")
     refused = Family("gguf_router_requests_refused_total", "counter",
                      "requests refused before reaching a model: queue full, queue timeout, never fits the budget")
-    for reason, count in scheduler.refused.items():
+    for reason, count in fleet.refused.items():
         refused.add(count, reason=reason)
     budget = Family("gguf_router_memory_budget_bytes", "gauge", "memory the models may hold together")
-    if scheduler.limits.budget is not None:
-        budget.add(scheduler.limits.budget)
+    if fleet.limits.budget is not None:
+        budget.add(fleet.limits.budget)
     reserved = Family("gguf_router_memory_reserved_bytes", "gauge", "memory the running models are counted at")
-    reserved.add(scheduler.memory_reserved())
+    reserved.add(fleet.reserved)
     families = [state, *counters.values(), load_seconds, in_flight, queued, memory, peak, estimate, limit, requests,
                 waited, refused, budget, reserved]
     for name, kind, help, value in own:
@@ -142,7 +143,7 @@ def relabel(text: str, model_id: str, families: dict[str, list[str]], headers: d
 
 async def render(router, request_counts: dict) -> str:
     parts = [family.text() for family in router_families(router, request_counts)]
-    loaded = [m for m in router.scheduler.models.values() if m.state is ModelState.LOADED]
+    loaded = [m for m in router.scheduler.views() if m.serving]
 
     import aiohttp  # imported when first needed, not before the router serves
 

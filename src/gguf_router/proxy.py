@@ -17,7 +17,7 @@ from sanic import Request
 from sanic.response import HTTPResponse
 
 from .errors import RouterError
-from .model import Model
+from .scheduling.views import ModelView, Serving
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,9 @@ class ChildConnector(aiohttp.BaseConnector):
         super().__init__(limit=0, keepalive_timeout=CHILD_KEEPALIVE)
         self._sockets: dict[str, str] = {}  # socket stem -> the socket its launch spec names
 
-    def url(self, model: Model, path: str, query: str = "") -> str:
+    def url(self, model: Serving | ModelView, path: str, query: str = "") -> str:
         """The URL of `path` on the model's running child, for a session over this connector."""
-        socket = model.child.socket
+        socket = model.socket
         self._sockets[socket.stem] = str(socket)
         return f"http://{socket.stem}.{model.generation}{path}" + (f"?{query}" if query else "")
 
@@ -68,12 +68,12 @@ class ChildConnector(aiohttp.BaseConnector):
         return proto
 
 
-def _stream_error(model: Model, exc: BaseException) -> bytes:
+def _stream_error(model: Serving, exc: BaseException) -> bytes:
     error = RouterError(502, f"model '{model.id}' stopped answering mid-stream: {exc or type(exc).__name__}")
     return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
 
 
-def _refused_by_child(model: Model, body: bytes) -> RouterError:
+def _refused_by_child(model: Serving, body: bytes) -> RouterError:
     """llama-server answers 500 to requests it cannot process (a missing or mistyped field throws
     where it parses them) and goes on serving: for the client that is a bad request, a 400."""
     try:
@@ -83,7 +83,7 @@ def _refused_by_child(model: Model, body: bytes) -> RouterError:
     return RouterError(400, f"model '{model.id}' could not process the request: {message}")
 
 
-async def forward(request: Request, session: aiohttp.ClientSession, model: Model) -> HTTPResponse | None:
+async def forward(request: Request, session: aiohttp.ClientSession, model: Serving) -> HTTPResponse | None:
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
     # The path as the route declares it (`/v1/chat/completions/` reached the same route).
     path = request.route.uri if not request.match_info else request.path.rstrip("/")

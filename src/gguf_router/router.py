@@ -18,9 +18,10 @@ from .errors import RouterError
 from .ini import ConfigError
 from .launchers import create_launcher
 from .memory import Floors
-from .model import ModelState, Plan
 from .policy import Limits
-from .scheduler import QueueLimits, Scheduler
+from .refusals import http_error
+from .scheduling import QueueLimits, Scheduler
+from .scheduling.records import Phase, Refused
 from .settings import Settings
 from .systemd import Notifier
 from .watcher import Watcher
@@ -75,12 +76,13 @@ class Router:
 
     def status_line(self) -> str:
         """What `systemctl status` shows, e.g. "2/4 models loaded: qwen (serving), llama3 (idle)"."""
-        running = [m for m in self.scheduler.models.values() if m.state is not ModelState.UNLOADED]
+        running = [m for m in self.scheduler.views() if m.holds_slot]
         limit = self.settings.models_max or "unlimited"
-        loaded = sum(m.state is ModelState.LOADED for m in running)
+        loaded = sum(m.serving for m in running)
         parts = []
-        for m in sorted(running, key=lambda m: m.id):
-            what = m.state.value if m.state is not ModelState.LOADED else ("serving" if m.in_flight else "idle")
+        for m in running:
+            what = m.phase.value if not m.serving or m.phase is Phase.DRAINING else (
+                "serving" if m.record.in_flight else "idle")
             parts.append(f"{m.id} ({what})")
         line = f"{loaded}/{limit} models loaded" + (": " + ", ".join(parts) if parts else "")
         return f"{line}; config not reloaded: {self.config_error}" if self.config_error else line
@@ -122,8 +124,7 @@ class Router:
             await asyncio.to_thread(tls.refresh, self.tls, settings)
         self.discovery = discovery
         discovery.settle = SETTLE
-        self.scheduler.limits, self.scheduler.queue_limits = scheduling_limits(settings), queue_limits(settings)
-        self.scheduler.set_catalog(catalog.models)
+        self.scheduler.set_catalog(catalog.models, scheduling_limits(settings), queue_limits(settings))
         for warning in catalog.warnings:
             if warning not in self._warned:
                 self._warned.add(warning)
@@ -171,17 +172,19 @@ class Router:
     async def remove_from_cache(self, model_id: str) -> None:
         """DELETE /models?model=: stops the model if it runs, deletes its files from the Hugging
         Face cache; the rescan that follows drops it from the list (a `model_remove` event)."""
-        model = self.scheduler.get(model_id)
+        model = self.scheduler.view(model_id)
         if model.file.source != "cache":
             raise RouterError(400, f"model '{model.id}' is not removable: only models from the Hugging Face cache "
                                    f"are (this one comes from the {model.file.source.replace('_', ' ')})")
-        if model.state is not ModelState.UNLOADED or model.plan is not Plan.NONE:
+        if model.phase is not Phase.UNLOADED:
             try:
                 self.scheduler.unload(model.id)
-            except RouterError:
+            except Refused:
                 pass  # already stopping
-        while model.state is not ModelState.UNLOADED:
-            await model.changed()
+        def stopped() -> bool:
+            record = self.scheduler.fleet.models.get(model.id)
+            return record is None or record.phase in (Phase.UNLOADED, Phase.FAILED)
+        await self.scheduler.until(stopped)
         removed = await asyncio.to_thread(hfcache.remove, self.settings.hf_cache, model.id)
         log.info("model %s: %s from the Hugging Face cache %s", model.id,
                  "files removed" if removed else "no files left to remove", self.settings.hf_cache)
@@ -235,17 +238,17 @@ class Router:
             self.poke(False)
         await self.scheduler.adopt()
         self.spawn(self.scheduler.tick)
-        models = list(self.scheduler.models.values())
+        models = list(self.scheduler.configs.values())
         invalid = sum(1 for m in models if m.file.error)
         log.info("found %d models (%d not usable) in %s%s", len(models), invalid,
                  self.settings.models_dir or "no models dir",
                  f" and the Hugging Face cache {self.settings.hf_cache}" if self.settings.hf_cache else "")
         for model in models:
-            if model.config.load_on_startup:
+            if model.load_on_startup:
                 try:
                     self.scheduler.load(model.id)
-                except RouterError as exc:
-                    log.error("model %s: not loaded at startup: %s", model.id, exc)
+                except Refused as exc:
+                    log.error("model %s: not loaded at startup: %s", model.id, http_error(exc).message)
 
     @property
     def session(self) -> aiohttp.ClientSession:

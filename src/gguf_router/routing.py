@@ -8,7 +8,7 @@ from sanic import Blueprint, Request
 
 from .access import Level, inference
 from .parse import add_routes, autoload, body_model, query_model
-from .scheduler import FAKE_TIMING
+from .scheduling import FAKE_TIMING
 
 bp = Blueprint("routing")
 
