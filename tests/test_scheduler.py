@@ -125,3 +125,26 @@ def test_a_client_that_disconnects_stops_the_generation(start_router, stream):
     r.wait_for(lambda: r.models()["tiny-a"]["status"].get("in_flight") == 0, what="request released")
     slots = r.http.get("/slots", params={"model": "tiny-a"}).json()
     assert not any(s["is_processing"] for s in slots)
+
+
+def test_a_model_kept_busy_without_a_pause_is_drained_for_the_one_waiting(start_router, pool):
+    """Before draining, a model that always had a request in flight never made room: a request for
+    another model waited until its clients stopped. Two clients here keep tiny-a busy without a gap
+    until tiny-b has answered (or a minute has passed)."""
+    r = start_router("--models-max", "1")
+    answered = []
+    deadline = time.monotonic() + 60
+
+    def keep_busy():
+        with httpx.Client(base_url=r.url, timeout=60) as client:
+            while not answered and time.monotonic() < deadline:
+                assert client.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
+
+    clients = [pool.submit(keep_busy) for _ in range(2)]
+    busy(r, "tiny-a")
+    reply = post(r, "/v1/chat/completions", chat("tiny-b"))
+    answered.append(time.monotonic())
+    assert reply.status_code == 200 and answered[0] < deadline  # served while tiny-a's clients went on
+    for c in clients:
+        c.result()
+    assert evictions(r, "tiny-a") >= 1
