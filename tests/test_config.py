@@ -196,15 +196,15 @@ def test_the_shipped_config_files_are_valid(models_dir, llama_server, tmp_path):
     assert f"API keys:     1 (api-key-file {keys})" in out.stdout
 
 
-def test_every_router_preset_key_is_documented_in_the_shipped_presets_and_the_readme():
+def test_every_router_preset_key_is_documented_in_the_shipped_presets_and_the_manual():
     from gguf_router.presets import ROUTER_KEYS
 
     repo = os.path.join(os.path.dirname(__file__), "..")
     shipped = open(os.path.join(repo, "etc", "presets.ini")).read()
-    readme = open(os.path.join(repo, "README.md")).read()
+    readme = open(os.path.join(repo, "docs", "configuration.md")).read()
     def names(key: str, text: str) -> bool:  # as a word: "pin", not the "pin" of "keeping"
         return re.search(rf"(?<![\w-]){re.escape(key)}(?![\w-])", text) is not None
 
-    missing = {key: [where for where, text in (("etc/presets.ini", shipped), ("README.md", readme))
+    missing = {key: [where for where, text in (("etc/presets.ini", shipped), ("docs/configuration.md", readme))
                      if not names(key, text)] for key in ROUTER_KEYS}
     assert not {key: where for key, where in missing.items() if where}

@@ -67,6 +67,8 @@ def test_install_serves_with_a_key_then_tls_upgrade_keeps_key_and_model_purge_le
         assert "backend host-gpu2" in c.run(
             "gguf-router", "haproxy-config", "--config", "/usr/share/doc/gguf-router/examples/balancer.conf")
         assert c.run("stat", "-c", "%a %U:%G", "/etc/gguf-router/api-keys").strip() == "640 root:gguf-router"
+        # The manual, where the README's links point.
+        assert "configuration.md" in c.run("ls", "/usr/share/doc/gguf-router/docs")
         api_key = c.run("cat", "/etc/gguf-router/api-keys").strip()
         assert len(api_key) == 48
         c.run("cp", f"/share/{SMOL}", "/var/lib/gguf-router/models/")
