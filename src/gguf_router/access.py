@@ -20,11 +20,9 @@ another origin cannot send one without a CORS preflight, which only `--cors-orig
 from __future__ import annotations
 
 import enum
-import functools
 import hashlib
 import hmac
 import ipaddress
-import socket
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -110,13 +108,6 @@ def _single_header(request: Request, name: str) -> None:
         raise RouterError(400, f"the request has more than one {name} header")
 
 
-@functools.lru_cache(maxsize=4)  # per settings snapshot: asked on every request of a keyless router
-def served_names(settings) -> frozenset[str]:
-    """Host names a keyless router answers for, beside IP addresses and localhost."""
-    names = {socket.gethostname().lower(), settings.host.lower(), *(n.lower() for n in settings.server_names)}
-    return frozenset(n for n in names if n)
-
-
 def _over_unix_socket(request: Request) -> bool:
     # No page reaches a unix socket by a name it rebound; what a proxy there passes on as Host is its own.
     info = request.conn_info
@@ -134,7 +125,7 @@ def _host_served(request: Request) -> bool:
         return True  # a page reached by an address is not a page that rebound a name
     except ValueError:
         pass
-    names = served_names(request.app.ctx.router.settings)
+    names = request.app.ctx.router.config.served_names
     return name == "localhost" or name.endswith(".localhost") or name in names or "*" in names
 
 

@@ -4,6 +4,7 @@ and swaps it in with one assignment, so no request ever sees half of each."""
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 from .catalog import read_presets
@@ -18,10 +19,17 @@ class Config:
     child_options: Section  # the router's command-line options for every child
     api_keys: tuple[str, ...]
     admin_keys: tuple[str, ...]
+    served_names: frozenset[str]  # host names a keyless router answers for, beside addresses and localhost
+
+
+def served_names(settings: Settings) -> frozenset[str]:
+    names = {socket.gethostname().lower(), settings.host.lower(), *(n.lower() for n in settings.server_names)}
+    return frozenset(n for n in names if n)
 
 
 def load_config(settings: Settings) -> Config:
     """Blocking (runs llama-server --help, reads files); raises ConfigError for anything bad.
     The TLS certificate is checked where it is loaded (tls.py), not here."""
     presets, child_options = read_presets(settings)
-    return Config(settings, presets, child_options, settings.all_api_keys(), settings.all_admin_keys())
+    return Config(settings, presets, child_options, settings.all_api_keys(), settings.all_admin_keys(),
+                  served_names(settings))
