@@ -136,3 +136,36 @@ def test_the_default_llama_server_is_the_one_on_the_path_then_the_packaged_one(t
     packaged.touch()
     assert parse_settings([]).llama_server == packaged
     assert parse_settings(["--llama-server", "/opt/x/llama-server"]).llama_server == Path("/opt/x/llama-server")
+
+
+def test_every_setting_is_in_the_manual_and_the_shipped_config():
+    """Each setting is declared once (its Settings field); what documents it is checked against that."""
+    import re
+    from pathlib import Path
+
+    from gguf_router.settings import FILE_KEYS, flags
+
+    repo = Path(__file__).parent.parent
+    manual = (repo / "docs" / "configuration.md").read_text()
+    shipped = (repo / "etc" / "gguf-router.conf").read_text()
+    rows = [line for line in manual.splitlines() if line.startswith("| `--")]
+    missing = []
+    for item, names in flags():
+        if not any(row.startswith(f"| `{names[0]}") for row in rows):
+            missing.append(f"docs/configuration.md: a row for {names[0]}")
+    for name in sorted(FILE_KEYS):
+        key, env = name.replace("_", "-"), f"GGUF_ROUTER_{name.upper()}"
+        if env not in manual and key not in ("runtime-dir", "log-timestamps"):
+            missing.append(f"docs/configuration.md: {env}")
+        if not re.search(rf"^#? ?{re.escape(key)} =", shipped, re.M) and key not in ("runtime-dir", "config"):
+            missing.append(f"etc/gguf-router.conf: {key}")
+    assert missing == []
+
+
+def test_the_man_page_options_are_made_from_the_settings():
+    from pathlib import Path
+
+    from gguf_router import manpage
+
+    page = (Path(__file__).parent.parent / "debian" / "gguf-router.1").read_text()
+    assert page == manpage.rewritten(page), "run: python -m gguf_router.manpage debian/gguf-router.1"

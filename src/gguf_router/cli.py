@@ -6,13 +6,14 @@ import argparse
 import logging
 import shlex
 import sys
+import typing
 from pathlib import Path
 
 from . import __version__
 from .errors import shown
 from .ini import ConfigError
 from .llama_options import LlamaServerError, ask_early
-from .settings import Settings, load_settings
+from .settings import Settings, flags, load_settings, setting_type
 
 USAGE = """\
 gguf-router [ROUTER OPTIONS] [LLAMA-SERVER OPTIONS...]
@@ -31,64 +32,27 @@ files and prints the command line each model would be started with.
 
 
 def parser() -> argparse.ArgumentParser:
+    """The router's flags, as the Settings fields declare them; every other option is a child's."""
     p = argparse.ArgumentParser(prog="gguf-router", usage=USAGE, allow_abbrev=False,
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--version", action="version", version=f"gguf-router {__version__}")
-    p.add_argument("--config", type=Path, help="router settings file (default /etc/gguf-router/gguf-router.conf, if present)")
-    p.add_argument("--models-preset", type=Path,
-                   help="model presets INI file, plus FILE.d/*.ini (default /etc/gguf-router/presets.ini, if present)")
-    p.add_argument("--models-dir", type=Path, help="folder of GGUF models (file x.gguf or folder x/ = model x)")
-    p.add_argument("--models-max", type=int, help="models loaded at once, least recently used unloaded first; 0 = no limit (default 4)")
-    p.add_argument("--no-models-autoload", dest="models_autoload", action="store_false",
-                   help="load models only through POST /models/load (or ?autoload=true)")
-    p.add_argument("--models-autoload", dest="models_autoload", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--models-ttl", type=float, help="seconds a model may stay idle before it is stopped; 0 = never (default)")
-    p.add_argument("--memory-budget", help="memory the models may hold together: auto (default: RAM minus "
-                   "--memory-reserve), a size (20G), a share of RAM (80%%), or off")
-    p.add_argument("--memory-reserve", help="memory kept free for everything else with --memory-budget auto (default 1G)")
-    p.add_argument("--queue-max", type=int, help="requests that may wait for models to load, all together (default 256)")
-    p.add_argument("--queue-timeout", type=float, help="seconds a request waits for its model to load; 0 = as long as the client (default)")
-    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port to listen on (default 8080)")
-    p.add_argument("--api-key", dest="api_keys", action="append",
-                   help="require this key (Bearer or X-Api-Key) on every endpoint but /health; repeatable or comma-separated")
-    p.add_argument("--api-key-file", type=Path, help="file of API keys, one per line")
-    p.add_argument("--admin-api-key", dest="admin_api_keys", action="append",
-                   help="with it, managing models (load, unload, reload, logs) needs this key; the --api-key keys "
-                        "then only run inference; repeatable")
-    p.add_argument("--admin-api-key-file", type=Path, help="file of admin keys, one per line")
-    # llama-server's own spelling too (comma-separated there): passed on, it would reach no browser.
-    p.add_argument("--cors-origin", "--cors-origins", dest="cors_origins", action="append",
-                   help="an origin browsers may call the API from (https://app.example), * for any, localhost for "
-                        "any loopback origin on any port; repeatable or comma-separated; none by default")
-    p.add_argument("--server-name", dest="server_names", action="append",
-                   help="a host name a router without API keys answers for, beside IP addresses, localhost and "
-                        "this machine's name (others get 421); repeatable; * for any")
-    # llama-server's own names (--ssl-*) too: passed on to the children, they would break them.
-    p.add_argument("--tls-cert-file", "--ssl-cert-file", dest="tls_cert_file", type=Path,
-                   help="serve HTTPS with this PEM certificate (chain); with --tls-key-file")
-    p.add_argument("--tls-key-file", "--ssl-key-file", dest="tls_key_file", type=Path,
-                   help="the certificate's PEM private key")
-    p.add_argument("--max-body", help="largest request body (default 64M); larger ones get 413")
-    p.add_argument("--max-connections", type=int,
-                   help="open client connections at most; past it a new one gets 503 and is closed (default 1024)")
-    p.add_argument("--max-connections-per-client", type=int,
-                   help="of those, what one client address or one API key may hold (default 0: an eighth, at least 8)")
-    p.add_argument("--drain-timeout", type=float,
-                   help="on stop, seconds the requests in flight get to finish (default 20; keep it under the unit's TimeoutStopSec)")
-    p.add_argument("--request-timeout", type=float,
-                   help="seconds a request's headers and body may take to arrive (default 60)")
-    p.add_argument("--llama-server", type=Path, help="the llama-server binary the models run in")
-    p.add_argument("--launcher", choices=("auto", "process", "systemd"),
-                   help="how models run: systemd = a transient unit each (memory limits, own journal); "
-                        "process = child processes; auto (default) = systemd when started by systemd")
-    p.add_argument("--state-dir", type=Path,
-                   help="where the router keeps what it learns (models' memory after an out-of-memory kill); "
-                        "default $STATE_DIRECTORY under systemd, else ~/.local/state/gguf-router")
-    p.add_argument("--health-timeout", type=float,
-                   help="seconds a loaded model may fail to answer /health before it is killed and restarted (default 30)")
-    p.add_argument("--stop-timeout", type=float, help="seconds a child gets to exit before it is killed (default 10)")
-    p.add_argument("--log-level", help="debug, info, warning or error (default info)")
+    for item, names in flags():
+        kind = setting_type(item.name)
+        meta = item.metadata
+        if kind is bool:  # a switch: its flag says the opposite of the default; the other spelling is accepted
+            p.add_argument(*names, dest=item.name, action="store_false" if item.default else "store_true",
+                           help=meta["help"])
+            opposite = f"--{item.name.replace('_', '-')}" if item.default else f"--no-{item.name.replace('_', '-')}"
+            p.add_argument(opposite, dest=item.name, action="store_true" if item.default else "store_false",
+                           help=argparse.SUPPRESS)
+        elif typing.get_origin(kind) is tuple:
+            p.add_argument(*names, dest=item.name, action="append", metavar=meta["metavar"], help=meta["help"])
+        elif typing.get_origin(kind) is typing.Literal:
+            p.add_argument(*names, dest=item.name, choices=typing.get_args(kind), metavar=meta["metavar"],
+                           help=meta["help"])
+        else:
+            p.add_argument(*names, dest=item.name, type=kind if kind in (int, float, Path) else None,
+                           metavar=meta["metavar"], help=meta["help"])
     return p
 
 
@@ -96,9 +60,9 @@ def parse_command_line(argv: list[str]) -> dict:
     """The settings given on the command line, by field name; the rest goes to children."""
     args, child_args = parser().parse_known_args(argv)
     given = vars(args)
-    for repeated in ("api_keys", "admin_api_keys", "cors_origins", "server_names"):
-        if repeated in given:
-            given[repeated] = ",".join(given[repeated])
+    for name, value in given.items():
+        if isinstance(value, list):  # a repeatable flag: joined as the environment would give it
+            given[name] = ",".join(value)
     if child_args:
         given["child_args"] = tuple(child_args)
     return given

@@ -12,6 +12,7 @@ import dataclasses
 import os
 import shlex
 import shutil
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,64 +67,116 @@ def default_state_dir() -> Path:
 _LAUNCHERS = Literal["auto", "process", "systemd"]
 
 
-def _bounds(low: float, high: float | None = None, above: bool = False) -> dict:
-    """A number field's range, checked by Settings.__post_init__ (`above`: low itself excluded)."""
-    return {"low": low, "high": high, "above": above}
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+            flags: tuple[str, ...] | None = (), metavar: str | None = None, low: float | None = None,
+            high: float | None = None, above: bool = False) -> Any:
+    """One router setting, declared once: its field here gives the GGUF_ROUTER_<NAME> variable and
+    the gguf-router.conf key (the name with dashes); `flags` the command line's spellings (() =
+    --the-name; None = none), `help` their help (cli.py builds the parser from these), `low` /
+    `high` the range Settings.__post_init__ checks (`above`: low itself excluded). The manual's
+    tables, the man page and etc/gguf-router.conf are checked against them (tests/test_settings.py)."""
+    metadata = {"help": help, "flags": flags, "metavar": metavar}
+    if low is not None:
+        metadata["bounds"] = {"low": low, "high": high, "above": above}
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class Settings:
-    config: Path | None = None  # the file these came from, when there was one
-    models_dir: Path | None = None
-    models_preset: Path | None = None
-    models_max: int = field(default=4, metadata=_bounds(0))
-    models_autoload: bool = True
-    models_ttl: float = field(default=0.0, metadata=_bounds(0))
+    # The file these came from, when there was one.
+    config: Path | None = setting(None, "router settings file (default /etc/gguf-router/gguf-router.conf, if present)",
+                                  metavar="FILE")
+    models_dir: Path | None = setting(None, "folder of GGUF models (file x.gguf or folder x/ = model x)", metavar="DIR")
+    models_preset: Path | None = setting(
+        None, "model presets INI file, plus FILE.d/*.ini (default /etc/gguf-router/presets.ini, if present)",
+        metavar="FILE")
+    models_max: int = setting(4, "models loaded at once, least recently used unloaded first; 0 = no limit (default 4)",
+                              metavar="N", low=0)
+    models_autoload: bool = setting(True, "load models only through POST /models/load (or ?autoload=true)",
+                                    flags=("--no-models-autoload",))
+    models_ttl: float = setting(0.0, "seconds a model may stay idle before it is stopped; 0 = never (default)",
+                                metavar="S", low=0)
     # What the models may hold together: `auto` = the host's memory (or the router's cgroup
     # limit) minus memory_reserve; a size (20G), a share of RAM (80%), or `off`.
-    memory_budget: str = "auto"
-    memory_reserve: str = "1G"
-    queue_max: int = field(default=256, metadata=_bounds(1))
-    queue_timeout: float = field(default=0.0, metadata=_bounds(0))
-    host: str = "127.0.0.1"
-    port: int = field(default=8080, metadata=_bounds(0, 65535))
+    memory_budget: str = setting("auto", "memory the models may hold together: auto (default: RAM minus "
+                                 "--memory-reserve), a size (20G), a share of RAM (80%%), or off", metavar="SIZE")
+    memory_reserve: str = setting("1G", "memory kept free for everything else with --memory-budget auto (default 1G)",
+                                  metavar="SIZE")
+    queue_max: int = setting(256, "requests that may wait for models to load, all together (default 256)",
+                             metavar="N", low=1)
+    queue_timeout: float = setting(
+        0.0, "seconds a request waits for its model to load; 0 = as long as the client (default)", metavar="S", low=0)
+    host: str = setting("127.0.0.1", "address to listen on (default 127.0.0.1)", metavar="ADDR")
+    port: int = setting(8080, "port to listen on (default 8080)", metavar="N", low=0, high=65535)
     # Comma-separated in the environment, like llama-server's LLAMA_API_KEY.
-    api_keys: tuple[str, ...] = ()
-    api_key_file: Path | None = None  # one key per line; keeps keys out of a world-readable file
+    api_keys: tuple[str, ...] = setting(
+        (), "require this key (Bearer or X-Api-Key) on every endpoint but /health; repeatable or comma-separated",
+        flags=("--api-key",), metavar="KEY")
+    # One key per line; keeps keys out of a world-readable file.
+    api_key_file: Path | None = setting(None, "file of API keys, one per line", metavar="FILE")
     # With admin keys set, managing models (load, unload, reload, logs) needs one of them; the
     # keys above then only run inference. An admin key is accepted everywhere.
-    admin_api_keys: tuple[str, ...] = ()
-    admin_api_key_file: Path | None = None
-    # Origins a browser may call the API from (CORS); none by default.
-    cors_origins: tuple[str, ...] = ()
+    admin_api_keys: tuple[str, ...] = setting(
+        (), "with it, managing models (load, unload, reload, logs) needs this key; the --api-key keys then only run "
+            "inference; repeatable", flags=("--admin-api-key",), metavar="KEY")
+    admin_api_key_file: Path | None = setting(None, "file of admin keys, one per line", metavar="FILE")
+    # Origins a browser may call the API from (CORS); none by default. llama-server's own spelling
+    # too (comma-separated there): passed on, it would reach no browser.
+    cors_origins: tuple[str, ...] = setting(
+        (), "an origin browsers may call the API from (https://app.example), * for any, localhost for any loopback "
+            "origin on any port; repeatable or comma-separated; none by default",
+        flags=("--cors-origin", "--cors-origins"), metavar="ORIGIN")
     # Host names a router without API keys answers for, beside IP addresses, localhost and this
     # machine's name: a web page that rebinds its own name to the router's address gets 421.
-    server_names: tuple[str, ...] = ()
+    server_names: tuple[str, ...] = setting(
+        (), "a host name a router without API keys answers for, beside IP addresses, localhost and this machine's "
+            "name (others get 421); repeatable; * for any", flags=("--server-name",), metavar="NAME")
     # TLS on every socket the router serves (its own or systemd's); both files in PEM, readable
-    # by the router's user. A reload loads them again (renewed certificates).
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    max_body: str = "64M"  # request bodies: long prompts with images fit
-    # Seconds a request's headers and body may take to arrive.
-    request_timeout: float = field(default=60.0, metadata=_bounds(0, above=True))
-    max_connections: int = field(default=1024, metadata=_bounds(1))  # open client connections at most
-    # Of those, what one client address or one API key may hold; 0: an eighth, at least 8.
-    max_connections_per_client: int = field(default=0, metadata=_bounds(0))
-    # On stop, seconds the requests in flight get to finish (gguf-router.service: TimeoutStopSec=30).
-    drain_timeout: float = field(default=20.0, metadata=_bounds(0))
-    llama_server: Path = field(default_factory=default_llama_server)
-    child_args: tuple[str, ...] = ()
-    # auto: a transient systemd unit per model when started by systemd, else a child process.
-    launcher: _LAUNCHERS = "auto"
-    stop_timeout: float = field(default=10.0, metadata=_bounds(0, above=True))
+    # by the router's user. A reload loads them again (renewed certificates). llama-server's own
+    # names (--ssl-*) too: passed on to the children, they would break them.
+    tls_cert_file: Path | None = setting(None, "serve HTTPS with this PEM certificate (chain); with --tls-key-file",
+                                         flags=("--tls-cert-file", "--ssl-cert-file"), metavar="FILE")
+    tls_key_file: Path | None = setting(None, "the certificate's PEM private key",
+                                        flags=("--tls-key-file", "--ssl-key-file"), metavar="FILE")
+    # Request bodies: long prompts with images fit.
+    max_body: str = setting("64M", "largest request body (default 64M); larger ones get 413", metavar="SIZE")
+    request_timeout: float = setting(60.0, "seconds a request's headers and body may take to arrive (default 60)",
+                                     metavar="S", low=0, above=True)
+    max_connections: int = setting(
+        1024, "open client connections at most; past it a new one gets 503 and is closed (default 1024)",
+        metavar="N", low=1)
+    max_connections_per_client: int = setting(
+        0, "of those, what one client address or one API key may hold (default 0: an eighth, at least 8)",
+        metavar="N", low=0)
+    # gguf-router.service has TimeoutStopSec=30.
+    drain_timeout: float = setting(
+        20.0, "on stop, seconds the requests in flight get to finish (default 20; keep it under the unit's "
+              "TimeoutStopSec)", metavar="S", low=0)
+    llama_server: Path = setting(help="the llama-server binary the models run in", factory=default_llama_server,
+                                 metavar="PATH")
+    # What the command line holds beyond the router's own flags: every child gets it.
+    child_args: tuple[str, ...] = setting((), flags=None)
+    launcher: _LAUNCHERS = setting(
+        "auto", "how models run: systemd = a transient unit each (memory limits, own journal); process = child "
+                "processes; auto (default) = systemd when started by systemd", metavar="L")
+    stop_timeout: float = setting(10.0, "seconds a child gets to exit before it is killed (default 10)",
+                                  metavar="S", low=0, above=True)
     # A loaded child that does not answer /health for this long is killed and restarted.
-    health_timeout: float = field(default=30.0, metadata=_bounds(0, above=True))
-    hf_cache: Path | None = field(default_factory=default_hf_cache)
-    runtime_dir: Path | None = field(default_factory=systemd_runtime_dir)
-    state_dir: Path = field(default_factory=default_state_dir)
-    log_level: str = "INFO"
+    health_timeout: float = setting(
+        30.0, "seconds a loaded model may fail to answer /health before it is killed and restarted (default 30)",
+        metavar="S", low=0, above=True)
+    hf_cache: Path | None = setting(help="the Hugging Face cache (default as llama.cpp looks for it)",
+                                    factory=default_hf_cache, flags=None)
+    runtime_dir: Path | None = setting(factory=systemd_runtime_dir, flags=None)
+    state_dir: Path = setting(
+        help="where the router keeps what it learns (models' memory after an out-of-memory kill); default "
+             "$STATE_DIRECTORY under systemd, else ~/.local/state/gguf-router", factory=default_state_dir,
+        metavar="DIR")
+    log_level: str = setting("INFO", "debug, info, warning or error (default info)", metavar="L")
     # journald stamps every line itself; a terminal wants the time in the line.
-    log_timestamps: bool = field(default_factory=lambda: "JOURNAL_STREAM" not in os.environ)
+    log_timestamps: bool = setting(factory=lambda: "JOURNAL_STREAM" not in os.environ, flags=None)
 
     def preset_files(self) -> tuple[Path, list[Path]]:
         """The presets file (given or the default) and its drop-ins, presets.d/*.ini in name order."""
@@ -149,7 +202,7 @@ class Settings:
     def __post_init__(self) -> None:
         """Checks what the types alone do not; raises ValueError naming the field."""
         for item in dataclasses.fields(self):
-            bounds, value = item.metadata, getattr(self, item.name)
+            bounds, value = item.metadata.get("bounds"), getattr(self, item.name)
             if bounds and (value < bounds["low"] or (bounds["above"] and value == bounds["low"])
                            or (bounds["high"] is not None and value > bounds["high"])):
                 limit = (f"between {bounds['low']} and {bounds['high']}" if bounds["high"] is not None
@@ -197,6 +250,19 @@ def keys_in(path: Path | None, what: str) -> tuple[str, ...]:
 
 _FIELDS = {item.name: item for item in dataclasses.fields(Settings)}
 _TYPES = typing.get_type_hints(Settings)
+
+
+def setting_type(name: str) -> Any:
+    """A field's type without its `| None`."""
+    hint = _TYPES[name]
+    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
+    return kinds[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(kinds) == 1 else hint
+
+
+def flags() -> list[tuple[dataclasses.Field, tuple[str, ...]]]:
+    """Each setting the command line sets, with its spellings (the first is the one shown)."""
+    return [(item, item.metadata["flags"] or (f"--{item.name.replace('_', '-')}",))
+            for item in _FIELDS.values() if item.metadata["flags"] is not None]
 # Keys the config file may set: every setting but the file itself and the children's options,
 # which belong in the presets' [*] section.
 FILE_KEYS = frozenset(_FIELDS) - {"config", "child_args"}
