@@ -171,3 +171,12 @@ async def test_close_stops_every_child(launcher):
         s.release(await s.acquire(m, autoload=True))
     await s.close()
     assert all(c.exit.done() for c in launcher.children.values()) and set(phases(s).values()) == {"unloaded"}
+
+
+async def test_an_adopted_child_unloaded_at_once_is_stopped(launcher):
+    s = scheduler(launcher, "a")
+    launcher.adoptable = {"a": FakeChild(s.spec_for("a"))}
+    await s.adopt()
+    s.unload("a")  # before the task that serves it has run
+    await settle()
+    assert launcher.adoptable["a"].exit.done() and phases(s) == {"a": "unloaded"}

@@ -267,6 +267,7 @@ class Scheduler:
             case fx.Keep(model_id, generation, keep):
                 child = self._adoptable.pop(model_id)
                 if keep:
+                    self._children[model_id] = child  # known at once: a Stop may come before its task runs
                     self._spawn(self._serve(model_id, generation, child, None))
                 else:
                     self._spawn(child.stop(self.configs[model_id].launch.stop_timeout))
