@@ -336,3 +336,13 @@ def test_every_transition_in_the_table_is_taken():
     taken = set().union(*(s.moves for s in scripts))
     table = {(a, b) for a, targets in TRANSITIONS.items() for b in targets}
     assert table - taken == set()
+
+
+def test_a_model_removed_while_requests_on_its_dead_child_are_still_released_is_forgotten_after_them():
+    s = Script(spec("a"))
+    s.serve("a")
+    s.exited("a", -9)  # the request in flight is on a child that is gone
+    s.configure({})
+    assert s.record("a").removed and s.arrive("a") in s.refused()
+    s(ev.Release("a"))
+    assert "a" not in s.fleet.models

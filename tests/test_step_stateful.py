@@ -33,6 +33,7 @@ class Fleet(RuleBasedStateMachine):
     def send(self, event, after: float = 0.0) -> None:
         self.s(event, after)
         for effect in self.s.effects:
+            assert not (isinstance(effect, fx.Start) and effect.model in self.gone), "a removed model started"
             if isinstance(effect, fx.Admit):
                 self.served.append(self.waiting.pop(effect.ticket))
             elif isinstance(effect, fx.Refuse) and effect.ticket is not None:

@@ -72,7 +72,7 @@ def _configure(c: Change, e: ev.Configure) -> None:
         elif rec.phase is P.BACKOFF:
             rec = c.move(c.settle(rec, Why.NOT_RESTARTED, Cause.RETIRED.value), P.UNLOADED, restart_at=None)
         if rec.phase in (P.UNLOADED, P.FAILED):
-            c.forget(rec)
+            c.forget(c.put(rec, removed=True))  # marked: one still released by requests is forgotten then
             continue
         c.log(logging.INFO, f"model {model_id}: its file or preset is gone; stopping it once idle")
         rec = c.settle(c.dequeue(c.put(rec, removed=True), Cause.RETIRED.value), Why.LEFT_QUEUE, Cause.RETIRED.value)
@@ -139,7 +139,7 @@ def _release(c: Change, e: ev.Release) -> None:
         return
     if rec.phase is P.DRAINING:
         c.stop(rec, rec.cause)
-    elif rec.removed and rec.phase is P.UNLOADED:
+    elif rec.removed and rec.phase in (P.UNLOADED, P.FAILED):
         c.forget(rec)
 
 
