@@ -180,3 +180,49 @@ async def test_an_adopted_child_unloaded_at_once_is_stopped(launcher):
     s.unload("a")  # before the task that serves it has run
     await settle()
     assert launcher.adoptable["a"].exit.done() and phases(s) == {"a": "unloaded"}
+
+
+async def test_a_load_stopped_in_the_same_turn_does_not_leave_the_model_stopping(launcher):
+    s = scheduler(launcher, "a")
+    s.load("a")
+    s.unload("a")  # before the load's task has run at all
+    await settle()
+    assert phases(s) == {"a": "unloaded"}
+    s.release(await s.acquire("a", autoload=True))
+
+
+class SlowToStopLauncher(FakeLauncher):
+    """A child that takes a while to stop when its load is cancelled, as a real one does."""
+
+    def __init__(self):
+        super().__init__()
+        self.stopped = asyncio.Event()
+
+    async def start(self, spec, progress):
+        try:
+            return await super().start(spec, progress)
+        except asyncio.CancelledError:
+            await self.stopped.wait()
+            raise
+
+
+async def test_a_second_load_started_while_the_first_is_cancelled_can_be_stopped():
+    launcher = SlowToStopLauncher()
+    launcher.gate = asyncio.Event()
+    s = scheduler(launcher, "a")
+    first = asyncio.create_task(s.acquire("a", autoload=True))
+    await settle()
+    s.unload("a")
+    await settle()
+    second = asyncio.create_task(s.acquire("a", autoload=True))  # waits for the next child
+    await settle()
+    assert phases(s) == {"a": "unloading"}
+    launcher.stopped.set()  # the first child is gone: the second load starts from its task
+    await settle()
+    assert phases(s) == {"a": "loading"} and s.fleet.models["a"].generation == 2
+    s.unload("a")  # the second load's task is still known
+    await settle()
+    for waiting in (first, second):
+        with pytest.raises(Refused):
+            await waiting
+    assert phases(s) == {"a": "unloaded"}

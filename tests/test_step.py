@@ -346,3 +346,45 @@ def test_a_model_removed_while_requests_on_its_dead_child_are_still_released_is_
     assert s.record("a").removed and s.arrive("a") in s.refused()
     s(ev.Release("a"))
     assert "a" not in s.fleet.models
+
+
+def test_what_a_review_found():
+    # A failed launch of a model being stopped leaves no dead entry at the head of the queue.
+    s = Script(spec("a"), spec("b"))
+    s.arrive("a")
+    s(ev.Unload("a"))
+    waiting = s.arrive("a")
+    s(ev.LaunchFailed("a", s.generation("a"), "no"))
+    assert s.phase("a") is P.LOADING and s.fleet.queue == ()  # started again for the one waiting
+    s.ready("a")
+    assert s.admitted() == [waiting]
+    # New options while draining for another: restarted with them if the drain is called off.
+    s = Script(spec("a"), spec("b"), models_max=1)
+    s.serve("a")
+    b = s.arrive("b", after=MIN_RESIDENT)
+    s.configure({"a": spec("a", version=2), "b": spec("b")})
+    s(ev.Leave(b, "b"))
+    assert s.phase("a") is P.DRAINING and s.record("a").cause is Cause.RESTART
+    # Options changed during a load that was then stopped: the next load has them, no second restart.
+    s = Script(spec("a"))
+    s.arrive("a")
+    s.configure({"a": spec("a", version=2)})
+    s(ev.Unload("a"))
+    s.exited("a")
+    s.serve("a")
+    assert s.phase("a") is P.LOADED
+    # A file removed while loading: the requests waiting for that load are served by it.
+    s = Script(spec("a"))
+    waiting = s.arrive("a")
+    s.configure({})
+    s.ready("a")
+    assert s.admitted() == [waiting] and s.phase("a") is P.DRAINING
+    # Adoption of a model a reload dropped, and requests after shutdown.
+    s = Script(spec("a"))
+    s.configure({})
+    s(ev.Adopted("a", 1))
+    assert s.of(fx.Keep) == [fx.Keep("a", 0, False)]
+    s = Script(spec("a"))
+    s(ev.Shutdown())
+    s.arrive("a")
+    assert list(s.refused().values()) == [Why.LEFT_QUEUE]

@@ -226,7 +226,8 @@ class Change:
         for model_id in decision.start:
             rec = self.models[model_id]
             self.queue.remove(model_id)
-            self.move(rec, P.LOADING, held=False, generation=rec.generation + 1, started_at=self.now, killed_for=None)
+            self.move(rec, P.LOADING, held=False, stale=False, generation=rec.generation + 1, started_at=self.now,
+                      killed_for=None)
             self.effects.append(fx.Start(model_id, rec.generation + 1))
         for model_id in decision.stop:
             self.stop(self.models[model_id], Cause.EVICTED)
@@ -240,7 +241,10 @@ class Change:
         rec = self.move(rec, P.LOADED, "no longer needed to make room")
         if rec.id in self.queue:
             self.queue.remove(rec.id)
-        self.settle(self.put(rec, held=False), None)
+        stale = rec.stale
+        rec = self.settle(self.put(rec, held=False, stale=False), None)
+        if stale:  # its options changed while it drained: it restarts with them
+            self.drain(rec, Cause.RESTART)
 
 
 _FIELDS = frozenset(ModelRecord.__dataclass_fields__)

@@ -255,7 +255,8 @@ class Scheduler:
                 future = self._waiters[ticket]
                 future.set_exception(Refused(refusal, self.queue_limits.timeout))
             case fx.Start(model_id, generation):
-                self._loading[model_id] = self._spawn(self._run(model_id, generation))
+                task = self._loading[model_id] = self._spawn(self._run(model_id, generation))
+                task.add_done_callback(lambda task: self._load_ended(model_id, generation, task))
             case fx.Stop(model_id, _, _):
                 child = self._children.get(model_id)
                 if child is None:
@@ -269,8 +270,9 @@ class Scheduler:
                 if keep:
                     self._children[model_id] = child  # known at once: a Stop may come before its task runs
                     self._spawn(self._serve(model_id, generation, child, None))
-                else:
-                    self._spawn(child.stop(self.configs[model_id].launch.stop_timeout))
+                else:  # no room, or a reload dropped the model while the launcher looked
+                    config = self.configs.get(model_id)
+                    self._spawn(child.stop(config.launch.stop_timeout if config else 10.0))
             case fx.Wake(model_id, at):
                 self._wake_at(model_id, at)
             case fx.SaveFloor(model_id, argv, floor):
@@ -296,6 +298,20 @@ class Scheduler:
         task.add_done_callback(self._tasks.discard)
         return task
 
+    def _loaded(self, model_id: str) -> None:
+        """Its load is over: the task is forgotten, unless a later load of the model replaced it
+        (an Exited sent from the task can start the next child before the task returns)."""
+        if self._loading.get(model_id) is asyncio.current_task():
+            del self._loading[model_id]
+
+    def _load_ended(self, model_id: str, generation: int, task: asyncio.Task) -> None:
+        """A load cancelled before its task ran (a stop in the same turn of the loop as the
+        start) never reached its own handler: told here, so the model does not stay stopping."""
+        if task.cancelled() and self._loading.get(model_id) is task:
+            del self._loading[model_id]
+            if not self.fleet.closing or not self.launcher.outlives_router:
+                self.send(ev.Exited(model_id, generation, None))
+
     async def _run(self, model_id: str, generation: int) -> None:
         """One child's life: start, serve until it exits."""
         spec = self.spec_for(model_id)
@@ -306,16 +322,17 @@ class Scheduler:
             child = await self.launcher.start(
                 spec, lambda value: self.send(ev.Progress(model_id, generation, value)))
         except asyncio.CancelledError:
+            self._loaded(model_id)
             self._gone(model_id)
             if not self.fleet.closing or not self.launcher.outlives_router:
                 self.send(ev.Exited(model_id, generation, None))
             return
         except LaunchError as exc:
+            self._loaded(model_id)
             self._gone(model_id)
             self.send(ev.LaunchFailed(model_id, generation, str(exc), exc.exit_code, exc.oom, exc.peak, exc.log_tail))
             return
-        finally:
-            self._loading.pop(model_id, None)
+        self._loaded(model_id)
         await self._serve(model_id, generation, child, self.clock() - started)
 
     async def _serve(self, model_id: str, generation: int, child: Child, took: float | None) -> None:

@@ -58,8 +58,8 @@ def _configure(c: Change, e: ev.Configure) -> None:
         rec = c.put(rec, crashes=())  # new options may well fix what crashed it
         if rec.phase is P.FAILED:
             c.move(rec, P.UNLOADED, "its options or file changed", failure=None)
-        elif rec.phase is P.LOADING:
-            c.put(rec, stale=True)
+        elif rec.phase is P.LOADING or (rec.phase is P.DRAINING and rec.cause is Cause.EVICTED):
+            c.put(rec, stale=True)  # restarted once it has served its waiters, or if its drain is called off
         elif rec.phase is P.LOADED:
             c.log(logging.INFO, f"model {model_id}: its options or file changed; restarting it once idle")
             c.drain(rec, Cause.RESTART)
@@ -75,7 +75,9 @@ def _configure(c: Change, e: ev.Configure) -> None:
             c.forget(c.put(rec, removed=True))  # marked: one still released by requests is forgotten then
             continue
         c.log(logging.INFO, f"model {model_id}: its file or preset is gone; stopping it once idle")
-        rec = c.settle(c.dequeue(c.put(rec, removed=True), Cause.RETIRED.value), Why.LEFT_QUEUE, Cause.RETIRED.value)
+        rec = c.dequeue(c.put(rec, removed=True), Cause.RETIRED.value)
+        if rec.phase is not P.LOADING:  # those waiting for a load under way are served by it, as before
+            rec = c.settle(rec, Why.LEFT_QUEUE, Cause.RETIRED.value)
         if rec.phase in (P.LOADED, P.DRAINING):
             c.drain(rec if rec.phase is P.LOADED else c.put(rec, cause=Cause.RETIRED), Cause.RETIRED)
 
@@ -105,6 +107,8 @@ def _refusal_for(c: Change, rec: ModelRecord | None, e: ev.Arrive) -> Refusal | 
         return Refusal(Why.NOT_USABLE, rec.id, rec.spec.unusable)
     if rec.phase is P.LOADED:
         return None
+    if c.closing:
+        return Refusal(Why.LEFT_QUEUE, rec.id, Cause.SHUTDOWN.value)
     if rec.phase is P.FAILED:
         tail = rec.last_exit.log_tail if rec.last_exit else ()
         return Refusal(Why.FAILED, rec.id, (rec.failure or "") + last_line(tail))
@@ -180,7 +184,10 @@ def _unload(c: Change, e: ev.Unload) -> None:
 
 
 def _adopted(c: Change, e: ev.Adopted) -> None:
-    rec = c.models[e.model]
+    rec = c.models.get(e.model)
+    if rec is None or rec.removed:  # a reload dropped it while the launcher looked
+        c.effects.append(fx.Keep(e.model, 0, False))
+        return
     fits = rec.phase is P.UNLOADED and bool(
         policy.admit([policy.Waiting(rec.id, rec.counted)], c.running(), c.limits, c.now).start)
     if not fits:
@@ -219,6 +226,9 @@ def _ready(c: Change, e: ev.Ready) -> None:
 def _launch_failed(c: Change, e: ev.LaunchFailed) -> None:
     rec = c.models.get(e.model)
     if rec is None or rec.generation != e.generation or rec.phase not in (P.LOADING, P.UNLOADING):
+        return
+    if rec.phase is P.UNLOADING:  # it was being stopped anyway: ended as asked, its new waiters queued on
+        c.ended(rec, Exit(e.code, rec.cause.value, failed=False))
         return
     if e.oom:
         rec = c.out_of_memory(rec, e.peak)
