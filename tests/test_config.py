@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -128,12 +129,21 @@ def test_a_file_still_being_written_is_not_offered(start_router, models, tmp_pat
     write_tiny_model(tmp_path / "whole.gguf", seed=9)
     data = (tmp_path / "whole.gguf").read_bytes()
     r = start_router(models=models)
-    with open(models / "growing.gguf", "wb") as out:
-        for i in range(10):  # a slow copy: 3 s of writes
-            out.write(data[i * len(data) // 10:(i + 1) * len(data) // 10])
-            out.flush()
-            time.sleep(0.3)
-            assert "growing" not in r.models()
+
+    def copy_slowly():  # 3 s of writes, a tenth every 0.3 s: never still for the router's settle time
+        with open(models / "growing.gguf", "wb") as out:
+            for i in range(10):
+                out.write(data[i * len(data) // 10:(i + 1) * len(data) // 10])
+                out.flush()
+                time.sleep(0.3)
+
+    # The copy runs on its own, so that a slow answer from the router cannot stretch a pause in it.
+    copying = threading.Thread(target=copy_slowly)
+    copying.start()
+    while copying.is_alive():
+        assert "growing" not in r.models()
+        time.sleep(0.1)
+    copying.join()
     r.wait_for(lambda: "growing" in r.models(), timeout=10, what="the finished file listed")
     assert r.models()["growing"]["status"]["value"] == "unloaded"  # listed whole, not as invalid
     assert r.http.post("/v1/chat/completions", json=chat("growing")).status_code == 200
