@@ -273,10 +273,8 @@ def _convert(name: str, raw: Any) -> Any:
     The command line's values come typed already (argparse), but for the comma-joined keys."""
     if not isinstance(raw, str):
         return raw
-    hint = _TYPES[name]
-    kinds = [kind for kind in typing.get_args(hint) if kind is not type(None)]
-    optional = len(kinds) < len(typing.get_args(hint))
-    kind = kinds[0] if optional else hint
+    kind = setting_type(name)
+    optional = kind is not _TYPES[name]
     text = raw.strip()
     if optional and not text:
         return None
