@@ -129,8 +129,7 @@ class Change:
         if cause is Cause.EVICTED:
             rec = self.put(rec, stats=replace(rec.stats, evictions=rec.stats.evictions + 1))
         self.effects.append(fx.Stop(rec.id, rec.generation, cause))
-        reason = f"idle for {rec.spec.ttl:g} s (ttl)" if cause is Cause.TTL else cause.value
-        return self.move(rec, P.UNLOADING, reason, cause=cause)
+        return self.move(rec, P.UNLOADING, stop_reason(rec, cause), cause=cause)
 
     def drain(self, rec: ModelRecord, cause: Cause) -> ModelRecord:
         """Takes no new requests; stopped as soon as it serves nothing."""
@@ -258,6 +257,11 @@ def evolved(rec: ModelRecord, changes: dict) -> ModelRecord:
     new = object.__new__(ModelRecord)
     new.__dict__.update(rec.__dict__, **changes)
     return new
+
+
+def stop_reason(rec: ModelRecord, cause: Cause) -> str:
+    """Why a child was stopped, in the words of logs and of its exit in /models."""
+    return f"idle for {rec.spec.ttl:g} s (ttl)" if cause is Cause.TTL else cause.value
 
 
 def last_line(tail: tuple[str, ...]) -> str:

@@ -23,7 +23,7 @@ from typing import Callable
 from .. import policy
 from . import effects as fx
 from . import inputs as ev
-from .change import Change, last_line
+from .change import Change, last_line, stop_reason
 from .records import HOLDS_SLOT, Cause, Exit, Fleet, ModelRecord, Phase, Refusal, Why
 
 P = Phase
@@ -228,7 +228,7 @@ def _launch_failed(c: Change, e: ev.LaunchFailed) -> None:
     if rec is None or rec.generation != e.generation or rec.phase not in (P.LOADING, P.UNLOADING):
         return
     if rec.phase is P.UNLOADING:  # it was being stopped anyway: ended as asked, its new waiters queued on
-        c.ended(rec, Exit(e.code, rec.cause.value, failed=False))
+        c.ended(rec, Exit(e.code, stop_reason(rec, rec.cause), failed=False))
         return
     if e.oom:
         rec = c.out_of_memory(rec, e.peak)
@@ -248,8 +248,7 @@ def _exited(c: Change, e: ev.Exited) -> None:
         return _launch_failed(c, ev.LaunchFailed(e.model, e.generation, "exited while loading", e.code, e.oom,
                                                  e.peak, e.log_tail))
     if rec.phase is P.UNLOADING:
-        reason = f"idle for {rec.spec.ttl:g} s (ttl)" if rec.cause is Cause.TTL else rec.cause.value
-        c.ended(rec, Exit(e.code, reason, failed=False))
+        c.ended(rec, Exit(e.code, stop_reason(rec, rec.cause), failed=False))
         return
     if e.oom:
         rec = c.out_of_memory(rec, e.peak)
