@@ -46,8 +46,7 @@ class Family:
         return "\n".join([f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}", *self.samples])
 
 
-def router_families(router, request_counts: dict) -> list[Family]:
-    models = router.scheduler.views()
+def router_families(router, models: list, request_counts: dict) -> list[Family]:
     state = Family("gguf_router_model_state", "gauge", "1 for the state each model is in")
     states = list(dict.fromkeys(STATUS.values())) + ["invalid"]
     counters = {
@@ -142,8 +141,9 @@ def relabel(text: str, model_id: str, families: dict[str, list[str]], headers: d
 
 
 async def render(router, request_counts: dict) -> str:
-    parts = [family.text() for family in router_families(router, request_counts)]
-    loaded = [m for m in router.scheduler.views() if m.serving]
+    models = router.scheduler.views()  # one look at the records serves both parts of the scrape
+    parts = [family.text() for family in router_families(router, models, request_counts)]
+    loaded = [m for m in models if m.serving]
 
     import aiohttp  # imported when first needed, not before the router serves
 
