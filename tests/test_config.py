@@ -128,20 +128,25 @@ def test_files_added_renamed_and_removed_while_running(start_router, models):
 def test_a_file_still_being_written_is_not_offered(start_router, models, tmp_path):
     write_tiny_model(tmp_path / "whole.gguf", seed=9)
     data = (tmp_path / "whole.gguf").read_bytes()
-    r = start_router(models=models)
+    presets = tmp_path / "presets.ini"
+    presets.touch()
+    r = start_router("--models-preset", str(presets), models=models)
+    # Only the file watcher rereads presets: once this alias shows, it watches, and sees every write.
+    presets.write_text("[tiny-a]\nalias = watched\n")
+    r.wait_for(lambda: r.models()["tiny-a"]["aliases"] == ["watched"], what="the preset reread")
 
-    def copy_slowly():  # 3 s of writes, a tenth every 0.3 s: never still for the router's settle time
+    def copy_slowly():  # a quarter every 1.5 s: each pause outlasts the router's 1 s settle time
         with open(models / "growing.gguf", "wb") as out:
-            for i in range(10):
-                out.write(data[i * len(data) // 10:(i + 1) * len(data) // 10])
+            for i in range(4):
+                out.write(data[i * len(data) // 4:(i + 1) * len(data) // 4])
                 out.flush()
-                time.sleep(0.3)
+                time.sleep(1.5)
 
     # The copy runs on its own, so that a slow answer from the router cannot stretch a pause in it.
     copying = threading.Thread(target=copy_slowly)
     copying.start()
     while copying.is_alive():
-        assert "growing" not in r.models()
+        assert "growing" not in r.models()  # written to and not yet closed
         time.sleep(0.1)
     copying.join()
     r.wait_for(lambda: "growing" in r.models(), timeout=10, what="the finished file listed")

@@ -6,7 +6,8 @@
   gives `USER/REPO:QUANT` for each first shard; a models-dir entry of the same id wins.
 Headers are read once per (path, size, mtime) and cached, so a rescan costs a stat per file.
 After the first scan, a file that was not listed before is offered only once it has not changed
-for `settle` seconds, so a GGUF still being copied in is never handed to llama-server.
+for `settle` seconds and is not being written (`writing`, from the watcher), so a GGUF still
+being copied in is never handed to llama-server.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Collection
 
 from . import hfcache
 from .errors import shown
@@ -66,6 +68,9 @@ class Discovery:
         # even the first scan lists them at once, and only later files settle.
         self.known_before = 0.0
         self.next_check: float | None = None  # seconds until a settling file is due, after a scan
+        # Paths written to and not closed since (the watcher's set): new ones wait for the close,
+        # which the watcher reports, so they need no next_check.
+        self.writing: Collection[str] = ()
         # Headers a scan may read before it lists the rest by stat alone (None: no limit), so a
         # router with thousands of files serves at once; `unread` says a later scan must finish.
         self.header_budget: int | None = None
@@ -96,6 +101,8 @@ class Discovery:
             st = path.stat()
             stamp = (st.st_size, st.st_mtime_ns)
             age = time.time() - st.st_mtime
+            if path not in self._listed and str(path) in self.writing:
+                return None
             if self.settle and path not in self._listed and st.st_mtime > self.known_before and age < self.settle:
                 wait = self.settle - max(age, 0.0)
                 self.next_check = min(self.next_check or wait, wait)

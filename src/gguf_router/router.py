@@ -116,6 +116,7 @@ class Router:
                     log.warning("%s changed in the config; it takes effect when the router restarts",
                                 name.replace("_", "-"))
         settings = config.settings
+        discovery.writing = frozenset(self.watcher.writing)  # a copy: the scan runs in a thread
         catalog = await asyncio.to_thread(build, settings, discovery, config.presets, config.child_options,
                                           self.runtime_dir)
         watched_before = self._watched()
