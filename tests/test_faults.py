@@ -6,6 +6,7 @@ import shutil
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import gguf
 import psutil
@@ -155,6 +156,18 @@ def test_a_hung_child_is_killed_reported_unresponsive_and_restarted(start_router
     assert r.metric("gguf_router_model_unresponsive_total", model="tiny-a") == 1
     assert r.metric("gguf_router_model_restarts_total", model="tiny-a") == 1
     assert r.http.post("/v1/chat/completions", json=chat("tiny-a")).status_code == 200
+
+
+def test_a_load_that_stalls_is_killed_and_refused_with_the_reason(start_router):
+    # The scripted child never says it is ready and sits idle, as a load stuck on a dead disk does.
+    fake = Path(__file__).parent / "fake_llama_server.py"
+    r = start_router("--health-timeout", "2", "--llama-server", str(fake))
+    refused = r.http.post("/v1/chat/completions", json=chat("tiny-a"))
+    assert refused.status_code == 503
+    assert "used no CPU for 2 s while loading" in refused.json()["error"]["message"]
+    status = r.models()["tiny-a"]["status"]
+    assert status["value"] == "unloaded" and status["failed"] and status["error"] == "unresponsive while loading"
+    assert r.children() == []
 
 
 def test_a_child_busy_generating_is_never_taken_for_hung(start_router):

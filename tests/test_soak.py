@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 from conftest import chat
+from waiting import wait_for
 from gguf_router.tinymodels import write_tiny_model
 
 SECONDS = 120
@@ -120,7 +121,8 @@ def test_two_minutes_of_load_and_faults_leave_nothing_behind(start_router, tmp_p
         states = r.models()
         return all(m["status"]["value"] in ("loaded", "unloaded") and "queue" not in m["status"]
                    for m in states.values()) and states
-    states = r.wait_for(settled, timeout=60, what="the router quiet after the soak")
+    states = wait_for(settled, timeout=60, what="the router quiet after the soak",
+                      context=lambda: f"; models: {json.dumps(r.models())}; router log:\n{r.log()[-3000:]}")
     running = {m for m, e in states.items() if e["status"]["value"] == "loaded"}
     children = r.children()
     for child in children:  # none frozen by the soak may linger

@@ -145,18 +145,19 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
         if file.mmproj and "--mmproj" not in effective.options:
             argv += ["--mmproj", str(file.mmproj)]
         router = {key: parsed for key, (parsed, _) in effective.router.items()}
+        health_timeout = router.get("health-timeout", settings.health_timeout)
         launch = LaunchSpec(
             model_id=model_id, argv=tuple(argv), socket=socket,
             stop_timeout=router.get("stop-timeout", settings.stop_timeout),
             environment=router.get("environment", ()),
             limits={prop: router[key] for key, prop in UNIT_LIMITS.items() if key in router},
-            devices=router.get("devices", ()), network="--rpc" in effective.options)
+            devices=router.get("devices", ()), network="--rpc" in effective.options, stall_timeout=health_timeout)
         models[model_id] = ModelConfig(
             file=file, launch=launch, aliases=router.get("alias", ()),
             load_on_startup=router.get("load-on-startup", False),
             preset_text=_preset_text(model_id, file, effective), memory=memory,
             pinned=router.get("pin", False), ttl=router.get("ttl", settings.models_ttl),
-            health_timeout=router.get("health-timeout", settings.health_timeout))
+            health_timeout=health_timeout)
     _check_aliases(models, presets, warnings)
     _check_pinned(models, presets, settings.budget_bytes())
     _hide_deduplicated(models, presets, hf_paths)

@@ -163,9 +163,11 @@ class Settings:
                 "processes; auto (default) = systemd when started by systemd", metavar="L")
     stop_timeout: float = setting(10.0, "seconds a child gets to exit before it is killed (default 10)",
                                   metavar="S", low=0, above=True)
-    # A loaded child that does not answer /health for this long is killed and restarted.
+    # A loaded child that does not answer /health for this long is killed and restarted; a loading
+    # one that uses no CPU for this long is killed and its load fails.
     health_timeout: float = setting(
-        30.0, "seconds a loaded model may fail to answer /health before it is killed and restarted (default 30)",
+        30.0, "seconds a loaded model may fail to answer /health before it is killed and restarted, or a loading "
+              "one may use no CPU before its load is failed (default 30)",
         metavar="S", low=0, above=True)
     hf_cache: Path | None = setting(help="the Hugging Face cache (default as llama.cpp looks for it)",
                                     factory=default_hf_cache, flags=None)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, TypeVar
 
-from .cgroup import MemoryUse
+from .cgroup import MemoryUse, cpu_ticks
 
 
 T = TypeVar("T")
@@ -45,6 +45,9 @@ class LaunchSpec:
     limits: dict[str, str] = field(default_factory=dict)
     devices: tuple[str, ...] = ()  # device nodes a unit may use (GPUs); a process sees all of /dev
     network: bool = False  # its options reach servers over TCP (llama.cpp's RPC backend, --rpc)
+    # Seconds a loading child may use no CPU at all before it is taken for hung and killed (a
+    # load reads and copies the file, a warm-up computes: only a frozen process does neither); 0 = never.
+    stall_timeout: float = 0.0
 
 
 def argv_digest(argv: tuple[str, ...]) -> str:
@@ -125,8 +128,9 @@ class LaunchError(Exception):
     """The child exited or could not be started before it was ready."""
 
     def __init__(self, message: str, exit_code: int | None = None, log_tail: tuple[str, ...] = (),
-                 oom: str | None = None, peak: int | None = None):
+                 oom: str | None = None, peak: int | None = None, reason: str = "failed to start"):
         super().__init__(message)
+        self.reason = reason  # in short, for the model's status
         self.exit_code = exit_code
         self.log_tail = log_tail
         self.oom = oom  # how it went over its memory limit, if it was killed for that
@@ -182,14 +186,38 @@ class ChildExit:
     async def wait(self) -> int:
         return await asyncio.shield(self._exit)
 
-    async def started(self, progress: ProgressCallback) -> "ChildExit":
-        """Waits until the child is ready; one that fails or is cancelled while loading is stopped."""
+    async def started(self, progress: ProgressCallback, stall_timeout: float) -> "ChildExit":
+        """Waits until the child is ready; one that fails, stalls or is cancelled while loading is stopped."""
+        loading = asyncio.ensure_future(self.ready(progress))
+        stalled = asyncio.ensure_future(self._stalled(stall_timeout))
         try:
-            await self.ready(progress)
+            await asyncio.wait({loading, stalled}, return_when=asyncio.FIRST_COMPLETED)
+            if not loading.done():
+                code = await self.stop(timeout=0)
+                raise LaunchError(f"llama-server used no CPU for {stall_timeout:g} s while loading: "
+                                  "taken for hung, killed", code, self.log_tail(), reason="unresponsive while loading")
+            loading.result()
         except BaseException:
+            loading.cancel()
             await self.stop(timeout=0)
             raise
+        finally:
+            stalled.cancel()
         return self
+
+    async def _stalled(self, limit: float) -> None:
+        """Returns once the child has used no CPU for `limit` seconds (never, with 0)."""
+        if not limit:
+            await asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        last, since = cpu_ticks(self.pid), loop.time()
+        while True:
+            await asyncio.sleep(min(1.0, limit / 3))
+            now, ticks = loop.time(), cpu_ticks(self.pid)
+            if ticks != last or ticks is None:  # (None: it exited, which `ready` reports)
+                last, since = ticks, now
+            elif now - since >= limit:
+                return
 
     def load_failed(self) -> LaunchError:
         code = self._exit.result()

@@ -94,6 +94,16 @@ def process_memory(pid: int | None) -> MemoryUse | None:
     return MemoryUse(fields["VmRSS"], fields.get("VmHWM", fields["VmRSS"]), None)
 
 
+def cpu_ticks(pid: int | None) -> int | None:
+    """The CPU time a process has used, all its threads together, in clock ticks; None once gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text() if pid else ""
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return int(fields[11]) + int(fields[12]) if len(fields) > 12 else None  # utime + stime
+
+
 def host_memory() -> int:
     """The RAM of this host, or the memory limit of the router's own cgroup if that is lower."""
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -158,4 +158,4 @@ class ProcessLauncher:
         except OSError as exc:
             raise LaunchError(f"cannot run {spec.argv[0]}: {exc.strerror or exc}") from exc
         log.info("%s: started llama-server pid %d", spec.model_id, proc.pid)
-        return await ProcessChild(spec, proc).started(progress)
+        return await ProcessChild(spec, proc).started(progress, spec.stall_timeout)

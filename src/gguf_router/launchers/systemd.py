@@ -252,7 +252,7 @@ class SystemdLauncher:
             raise LaunchError(f"systemd-run could not start {unit}: {out}", code)
         pid = int((await self.show(unit, "MainPID")).get("MainPID") or 0)
         log.info("%s: started unit %s, llama-server pid %d", spec.model_id, unit, pid)
-        return await SystemdChild(self, spec.model_id, unit, spec.socket, pid).started(progress)
+        return await SystemdChild(self, spec.model_id, unit, spec.socket, pid).started(progress, spec.stall_timeout)
 
     async def adopt(self, expected: dict[str, LaunchSpec]) -> dict[str, Child]:
         """Children an earlier router left running: kept when their model still exists with the same
@@ -272,7 +272,7 @@ class SystemdLauncher:
                 continue
             try:
                 child = await asyncio.wait_for(
-                    SystemdChild(self, spec.model_id, unit, spec.socket, pid).started(lambda _: None), 10)
+                    SystemdChild(self, spec.model_id, unit, spec.socket, pid).started(lambda _: None, 0), 10)
             except (LaunchError, asyncio.TimeoutError):
                 log.warning("stopped unit %s: it did not answer on %s", unit, spec.socket)
                 continue

@@ -88,6 +88,7 @@ class LaunchFailed:
     oom: str | None = None  # how it went over its memory limit, if it was killed for that
     peak: int | None = None
     log_tail: tuple[str, ...] = ()
+    reason: str = "failed to start"  # in short, for its status: why the start failed
 
 
 @dataclass(frozen=True)

@@ -330,7 +330,8 @@ class Scheduler:
         except LaunchError as exc:
             self._loaded(model_id)
             self._gone(model_id)
-            self.send(ev.LaunchFailed(model_id, generation, str(exc), exc.exit_code, exc.oom, exc.peak, exc.log_tail))
+            self.send(ev.LaunchFailed(model_id, generation, str(exc), exc.exit_code, exc.oom, exc.peak, exc.log_tail,
+                                      exc.reason))
             return
         self._loaded(model_id)
         await self._serve(model_id, generation, child, self.clock() - started)

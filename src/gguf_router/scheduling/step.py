@@ -232,7 +232,7 @@ def _launch_failed(c: Change, e: ev.LaunchFailed) -> None:
         return
     if e.oom:
         rec = c.out_of_memory(rec, e.peak)
-    exit = Exit(e.code, f"{e.oom} while loading" if e.oom else "failed to start", True, e.log_tail)
+    exit = Exit(e.code, f"{e.oom} while loading" if e.oom else e.reason, True, e.log_tail)
     rec = c.settle(c.put(rec, last_exit=exit, held=False, stale=False), Why.LOAD_FAILED,
                    e.message + last_line(e.log_tail))
     rec = c.move(rec, P.UNLOADED, f"{exit.reason}, exit code {exit.code}")
