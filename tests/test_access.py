@@ -23,7 +23,7 @@ CALLERS = {"no key": {}, "inference key": {"Authorization": f"Bearer {USER}"}, "
 
 # What the issue asks for, written out here rather than read from the app: managing models.
 ADMIN_ROUTES = {("POST", "/models/load"), ("POST", "/models/unload"), ("POST", "/models/reload"),
-                ("GET", "/models/logs"), ("DELETE", "/models"), ("DELETE", "/v1/models"), ("POST", "/models"),
+                ("GET", "/models/logs"), ("GET", "/usage"), ("DELETE", "/models"), ("DELETE", "/v1/models"), ("POST", "/models"),
                 ("POST", "/v1/models"), ("POST", "/slots/<slot_id:int>"), ("POST", "/props"), ("POST", "/lora-adapters")}
 PUBLIC_ROUTES = {("GET", "/health"), ("GET", "/v1/health"), ("GET", "/"), ("GET", "/ui/<name:str>")}
 

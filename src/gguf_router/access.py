@@ -6,12 +6,12 @@ check (`guard`) runs right after routing, so whatever spelling of a path Sanic a
 (`/models/load/`) meets the level of the handler it reaches; a route without a level stops the
 router at start (`check_routes`).
 
-Callers, by the key they give:
+Callers, by the key they give (keys.py):
 - no keys configured: everyone may do everything (the default on 127.0.0.1), but only for the
   Host names the router serves (DNS rebinding: a web page must not reach it by another name);
-- an admin key: everything; an API key: inference (and everything when no admin keys are set);
+- a key: what its role grants (a bare --api-key: inference, or everything without admin keys);
 - no key, or a wrong one: only public routes, or inference too when only admin keys are set.
-Keys are compared in constant time, every configured key each time.
+Keys are compared by their hash, with every configured key each time.
 
 Browsers: POST bodies must say they are JSON (or multipart where files are taken), so a page on
 another origin cannot send one without a CORS preflight, which only `--cors-origin` answers.
@@ -19,9 +19,6 @@ another origin cannot send one without a CORS preflight, which only `--cors-orig
 
 from __future__ import annotations
 
-import enum
-import hashlib
-import hmac
 import ipaddress
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -30,14 +27,8 @@ from sanic import Request
 from sanic.response import empty
 
 from .errors import RouterError, shown
+from .keys import Key, Level
 from .parse import asks_reload, autoload
-
-
-class Level(enum.IntEnum):
-    PUBLIC = 0  # /health, the page: no key ever
-    READ = 1  # the model list, props, metrics, events
-    INFERENCE = 2  # what a model answers
-    ADMIN = 3  # loading, unloading, reloading, logs, deleting; a shared child's global settings
 
 
 def admin_if_reloading(request: Request) -> Level:
@@ -67,26 +58,12 @@ def given_key(request: Request) -> str:
     return auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
 
 
-def keys_match(given: str, keys: tuple[str, ...]) -> bool:
-    matched = False
-    for key in keys:  # no early exit: the time taken does not tell which key, or how much of it, matched
-        matched |= hmac.compare_digest(given.encode(errors="surrogateescape"), key.encode())
-    return matched
-
-
-def caller(request: Request) -> tuple[Level, str | None]:
-    """The level the request's key grants, and the API key's identity (a digest, never the key)
-    for its share of connections; None for an admin key, or when it gave no valid key."""
-    config = request.app.ctx.router.config
-    admin, keys = config.admin_keys, config.api_keys
-    if not admin and not keys:
-        return Level.ADMIN, None
-    given = given_key(request)
-    if given and admin and keys_match(given, admin):
-        return Level.ADMIN, None
-    if given and keys and keys_match(given, keys):
-        return (Level.INFERENCE if admin else Level.ADMIN), hashlib.sha256(given.encode(errors="surrogateescape")).hexdigest()[:16]
-    return (Level.PUBLIC if keys else Level.INFERENCE), None
+def caller(request: Request) -> tuple[Level, Key | None]:
+    """The level the request grants, and the key it gave (None: no valid key, or none needed)."""
+    keys = request.app.ctx.router.config.keys
+    given = given_key(request) if keys else ""
+    key = keys.find(given) if given else None
+    return (key.role, key) if key else (keys.keyless_level, None)
 
 
 def needed(request: Request) -> Level:
@@ -193,9 +170,9 @@ def _check(request: Request) -> None:
     level = needed(request)
     if level is Level.PUBLIC:
         return  # no key is looked at, and nothing to wait for (app.wait_for_models)
-    granted, key_id = caller(request)
+    granted, key = caller(request)
     config = request.app.ctx.router.config
-    if not config.api_keys:
+    if config.keys.keyless_level > Level.PUBLIC:
         # Without keys, a browser's request is refused when a page of another site, or one
         # that rebound its own name to this address, made it; with keys, such a page has none.
         if not _over_unix_socket(request) and not _host_served(request):
@@ -205,17 +182,20 @@ def _check(request: Request) -> None:
             raise RouterError(403, "a page of another site may not call a router without API keys: name its origin "
                                    "with --cors-origin, or set an API key", "permission_error")
     if granted < level:
-        if key_id is not None:  # a valid inference key, short of admin
-            raise RouterError(403, "managing models needs an admin key", "permission_error")
+        if key is not None:  # a valid key, short of the role the route needs
+            needs = "managing models needs an admin key" if level is Level.ADMIN else "this key may only read"
+            raise RouterError(403, needs, "permission_error")
         raise RouterError(401, "Invalid API Key", "authentication_error")
     # The operators, who the reserve of connections is kept for and whose share is not counted:
-    # those who gave an admin key (without admin keys, everyone is admin, and nobody is that).
-    operator = granted is Level.ADMIN and key_id is None and bool(config.admin_keys)
+    # those who gave an admin key, where others may run inference (where everyone is admin, nobody is).
+    operator = key is not None and key.role is Level.ADMIN and config.keys.has_operators
     protocol = getattr(request.stream, "protocol", None)  # None in-process (ASGI)
-    request.app.ctx.shares.admit(protocol, getattr(protocol, "connections", ()), key_id, operator)
+    request.app.ctx.shares.admit(protocol, getattr(protocol, "connections", ()), None if operator or key is None
+                                 else key.name, operator)
     if request.method == "POST":
         _body_kind(request)
     request.ctx.level = granted  # admitted; what the handler may show this caller (api.model_entry)
+    request.ctx.key = key  # whose models, limits and usage (None: anonymous)
 
 
 def _loopback_origin(origin: str) -> bool:

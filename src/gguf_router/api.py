@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import time
+from dataclasses import asdict
 
 from sanic import Blueprint, Request
 from sanic.response import JSONResponse, json as json_response, raw
 
 from . import __version__
 from .access import Level, admin_if_reloading, read_unless_routed
-from .errors import RouterError
+from .errors import RouterError, shown
 from .ini import ConfigError
 from .llama_options import build_info
 from .metrics import render as render_metrics
 from .scheduling.records import Phase
 from .scheduling.views import ModelView
 from .parse import add_routes, asks_reload, json_body, model_field, query_model
-from .routing import serve
+from .routing import scoped, serve
+from .usage import summed
 
 bp = Blueprint("api")
 
@@ -107,8 +111,17 @@ async def list_models(request: Request) -> JSONResponse:
     if asks_reload(request):
         await reload_router(router)
     admin = request.ctx.level is Level.ADMIN
-    models = router.scheduler.views(listed_only=True)
+    models = [m for m in router.scheduler.views(listed_only=True) if visible(request, m.id)]
     return json_response({"data": [model_entry(m, admin) for m in models], "object": "list"})
+
+
+def visible(request: Request, model_id: str) -> bool:
+    """Whether the request's key may know of the model ("*": an event about every model)."""
+    key, configs = request.ctx.key, request.app.ctx.router.scheduler.configs
+    if key is None or model_id == "*":
+        return True
+    config = configs.get(model_id)
+    return key.may_use((model_id, *(config.aliases if config else ())))
 
 
 async def model_events(request: Request):
@@ -133,6 +146,8 @@ async def model_events(request: Request):
             message, next_event = next_event.result(), None
             if message is None:
                 return  # dropped for not reading: it reconnects
+            if not visible(request, message["model"]):
+                continue
             await response.send(f"data: {json.dumps(message)}\n\n")
     finally:
         if next_event is not None:
@@ -144,7 +159,7 @@ async def model_logs(request: Request) -> JSONResponse:
     """A model's recent llama-server log: from the router's memory for a child process, from the
     journal for a unit; `total` counts every line so far, so `gguf-router logs -f` prints only new ones."""
     scheduler = request.app.ctx.router.scheduler
-    model = scheduler.view(query_model(request))
+    model = scheduler.view(scoped(request, query_model(request)))
     child = scheduler.child(model.id)
     if child is not None:
         log = await child.recent_log()
@@ -171,18 +186,18 @@ async def reload_models(request: Request) -> JSONResponse:
 
 async def load_model(request: Request) -> JSONResponse:
     scheduler = request.app.ctx.router.scheduler
-    scheduler.load(model_field(json_body(request)))
+    scheduler.load(scoped(request, model_field(json_body(request))))
     return json_response({"success": True})
 
 
 async def unload_model(request: Request) -> JSONResponse:
     scheduler = request.app.ctx.router.scheduler
-    scheduler.unload(model_field(json_body(request)))
+    scheduler.unload(scoped(request, model_field(json_body(request))))
     return json_response({"success": True})
 
 
 async def remove_model(request: Request) -> JSONResponse:
-    await request.app.ctx.router.remove_from_cache(query_model(request))
+    await request.app.ctx.router.remove_from_cache(scoped(request, query_model(request)))
     return json_response({"success": True})
 
 
@@ -226,6 +241,25 @@ async def metrics(request: Request):
     return raw(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+async def usage(request: Request) -> JSONResponse:
+    """What each key used: rows per key, model and hour since ?since= (90m, 24h, 7d; default 24h),
+    or with ?by=key|model|both their totals."""
+    since_text, by = request.args.get("since", "24h"), request.args.get("by")
+    match = re.fullmatch(r"(\d+)([mhd])", since_text)
+    if match is None:
+        raise RouterError(400, f"since={shown(since_text)!r}: give a number with m, h or d (90m, 24h, 7d)")
+    if by not in (None, "key", "model", "both"):
+        raise RouterError(400, f"by={shown(by)!r}: use key, model or both")
+    since = time.time() - int(match.group(1)) * {"m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    rows = await request.app.ctx.router.usage.rows(since)
+    if by is None:
+        data = [{"key": key, "model": model, "hour": hour, **asdict(tally)}
+                for (key, model, hour), tally in sorted(rows.items(), key=lambda item: (item[0][2], item[0][:2]))]
+    else:
+        data = [{"name": name, **asdict(tally)} for name, tally in summed(rows, by)]
+    return json_response({"object": "list", "since": int(since), "data": data})
+
+
 add_routes(bp, health, "GET", "/health", "/v1/health", access=Level.PUBLIC)
 add_routes(bp, props, "GET", "/props", access=read_unless_routed)
 add_routes(bp, metrics, "GET", "/metrics", access=read_unless_routed)
@@ -237,3 +271,4 @@ add_routes(bp, reload_models, "POST", "/models/reload", access=Level.ADMIN)
 add_routes(bp, remove_model, "DELETE", "/models", "/v1/models", access=Level.ADMIN)
 add_routes(bp, download_model, "POST", "/models", "/v1/models", access=Level.ADMIN)
 add_routes(bp, model_logs, "GET", "/models/logs", access=Level.ADMIN)
+add_routes(bp, usage, "GET", "/usage", access=Level.ADMIN)

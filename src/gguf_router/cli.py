@@ -19,6 +19,8 @@ USAGE = """\
 gguf-router [ROUTER OPTIONS] [LLAMA-SERVER OPTIONS...]
        gguf-router check-config [ROUTER OPTIONS] [LLAMA-SERVER OPTIONS...]
        gguf-router ps | load MODEL | unload MODEL | logs MODEL [-f]
+       gguf-router key add NAME [--role R] [--models GLOBS] [--concurrency N] ... | key list | key remove NAME
+       gguf-router usage [--since 24h] [--by key|model]
        gguf-router demo-models DIR
        gguf-router haproxy-config | haproxy-sync [--config /etc/gguf-router/balancer.conf]
 
@@ -110,7 +112,7 @@ def check_config(argv: list[str]) -> None:
         runtime_dir = settings.runtime_dir or Path("$RUNTIME_DIR")
         catalog = build(settings, Discovery(settings.models_dir, settings.hf_cache), presets, child_options, runtime_dir)
         tls.check(settings)
-        keys = settings.all_api_keys()
+        keys = settings.keyring()
     except (ConfigError, LlamaServerError) as exc:
         print(f"gguf-router: config error: {exc}", file=sys.stderr)
         sys.exit(1)
@@ -118,8 +120,9 @@ def check_config(argv: list[str]) -> None:
     print(f"presets:      {', '.join(map(str, presets.files)) or 'none'}")
     print(f"llama-server: {settings.llama_server}")
     print(f"TLS:          {settings.tls_cert_file or 'off'}")
-    source = f" (api-key-file {settings.api_key_file})" if settings.api_key_file else ""
-    print(f"API keys:     {len(keys)}{source}" if keys else "API keys:     none: anyone who reaches the port may use it")
+    from .keys import ROLE_NAMES
+    roles = ", ".join(f"{k.name} ({ROLE_NAMES[k.role]})" for k in keys.keys)
+    print(f"keys:         {roles}" if keys else "keys:         none: anyone who reaches the port may use it")
     print(f"models dir:   {settings.models_dir or 'none'}")
     for warning in catalog.warnings:
         print(f"warning: {warning}")
@@ -171,6 +174,13 @@ def main(argv: list[str] | None = None) -> None:
             return control(argv[0], argv[1:], load_settings)
         except ConfigError as exc:
             fail(str(exc))
+    if argv[:1] and argv[0] in ("key", "usage"):
+        from . import keyadmin
+
+        try:
+            return getattr(keyadmin, argv[0])(argv[1:], load_settings)
+        except ConfigError as exc:
+            fail(str(exc))
     if argv[:1] == ["check-config"]:
         return check_config(argv[1:])
     if argv[:1] and argv[0] in ("haproxy-config", "haproxy-sync"):
@@ -201,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import socket
 
-    from .access import beyond_loopback
+    from .access import Level, beyond_loopback
     from .app import GuardedProtocol, create_app
     from .systemd import listen_sockets
 
@@ -213,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(exc))
     hosts = [sock.getsockname()[0] for sock in sockets if sock.family in (socket.AF_INET, socket.AF_INET6)] \
         if sockets else [settings.host]
-    if not app.ctx.router.config.api_keys and any(map(beyond_loopback, hosts)):
+    if app.ctx.router.config.keys.keyless_level > Level.PUBLIC and any(map(beyond_loopback, hosts)):
         log.warning("no API key is set and the router listens beyond this machine (%s): anyone who reaches the port "
                     "may use it; set api-key-file in %s", ", ".join(hosts) or "*",
                     settings.config or "/etc/gguf-router/gguf-router.conf")

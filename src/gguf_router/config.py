@@ -1,5 +1,5 @@
 """One immutable snapshot of the configuration: settings, presets, the children's command-line
-options and the API keys, as read together at start or by a reload. A reload builds a new one
+options and the keys, as read together at start or by a reload. A reload builds a new one
 and swaps it in with one assignment, so no request ever sees half of each."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass
 
 from .catalog import read_presets
+from .keys import Keyring
 from .presets import Presets, Section
 from .settings import Settings
 
@@ -17,8 +18,7 @@ class Config:
     settings: Settings
     presets: Presets
     child_options: Section  # the router's command-line options for every child
-    api_keys: tuple[str, ...]
-    admin_keys: tuple[str, ...]
+    keys: Keyring  # named keys and the bare ones, each with its role
     served_names: frozenset[str]  # host names a keyless router answers for, beside addresses and localhost
 
 
@@ -31,5 +31,4 @@ def load_config(settings: Settings) -> Config:
     """Blocking (runs llama-server --help, reads files); raises ConfigError for anything bad.
     The TLS certificate is checked where it is loaded (tls.py), not here."""
     presets, child_options = read_presets(settings)
-    return Config(settings, presets, child_options, settings.all_api_keys(), settings.all_admin_keys(),
-                  served_names(settings))
+    return Config(settings, presets, child_options, settings.keyring(), served_names(settings))

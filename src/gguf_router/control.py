@@ -15,6 +15,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from .ini import ConfigError
+from .keys import Level
 from .sizes import size_text
 from .settings import Settings
 
@@ -125,8 +127,13 @@ def main(command: str, argv: list[str], settings_for) -> None:
     args = p.parse_args(argv)
     settings: Settings = settings_for({"config": args.config} if args.config else {})
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    keys = settings.all_admin_keys() + settings.all_api_keys()  # load/unload/logs need an admin key, if any
-    client = Client(args.url or f"http://{host}:{settings.port}", args.api_key or (keys[0] if keys else None))
+    try:
+        keys = settings.keyring()
+    except ConfigError as exc:
+        raise SystemExit(f"gguf-router: {exc}") from None
+    # load/unload/logs need an admin key, if there are any; ps, a key that may read.
+    key = keys.clear_key(Level.ADMIN) or keys.clear_key(Level.READ)
+    client = Client(args.url or f"http://{host}:{settings.port}", args.api_key or key)
     try:
         if command == "ps":
             ps(client, args.all)

@@ -112,8 +112,17 @@ def router_families(router, models: list, request_counts: dict) -> list[Family]:
         budget.add(fleet.limits.budget)
     reserved = Family("gguf_router_memory_reserved_bytes", "gauge", "memory the running models are counted at")
     reserved.add(fleet.reserved)
+    # By key name (never the key), as usage counts them since the router started.
+    key_requests = Family("gguf_router_key_requests_total", "counter", "requests routed to a model, by key, model "
+                          "and status")
+    for (key, model_id, code), count in sorted(router.usage.requests.items()):
+        key_requests.add(count, key=key, model=model_id, code=code)
+    key_tokens = Family("gguf_router_key_tokens_total", "counter", "tokens the children reported, by key, model and "
+                        "kind (prompt, completion)")
+    for (key, model_id, kind), count in sorted(router.usage.tokens.items()):
+        key_tokens.add(count, key=key, model=model_id, kind=kind)
     families = [state, *counters.values(), load_seconds, in_flight, queued, memory, peak, estimate, limit, requests,
-                waited, refused, budget, reserved]
+                waited, refused, budget, reserved, key_requests, key_tokens]
     for name, kind, help, value in own:
         family = Family(f"gguf_router_{name}", kind, help)
         family.add(value)

@@ -18,6 +18,7 @@ from sanic.response import HTTPResponse
 
 from .errors import RouterError
 from .scheduling.views import ModelView, Serving
+from .tokens import Meter
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,9 @@ def _refused_by_child(model: Serving, body: bytes) -> RouterError:
     return RouterError(400, f"model '{model.id}' could not process the request: {message}")
 
 
-async def forward(request: Request, session: aiohttp.ClientSession, model: Serving) -> HTTPResponse | None:
+async def forward(request: Request, session: aiohttp.ClientSession, model: Serving,
+                  meter: Meter) -> tuple[HTTPResponse | None, int]:
+    """The response (None once streamed) and its status; `meter` sees every byte of the answer."""
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
     # The path as the route declares it (`/v1/chat/completions/` reached the same route).
     path = request.route.uri if not request.match_info else request.path.rstrip("/")
@@ -105,17 +108,20 @@ async def forward(request: Request, session: aiohttp.ClientSession, model: Servi
                 raise RouterError(502, f"model '{model.id}' failed while answering: {exc}") from exc
             if upstream.status == 500:
                 raise _refused_by_child(model, body)
-            return HTTPResponse(body, status=upstream.status, headers=out_headers)
+            meter.feed(body)
+            return HTTPResponse(body, status=upstream.status, headers=out_headers), upstream.status
         response = await request.respond(status=upstream.status, headers=out_headers)
+        meter.stream = True
         try:
             async for chunk in upstream.content.iter_any():
+                meter.feed(chunk)
                 await response.send(chunk)
         except aiohttp.ClientError as exc:
             # Headers are gone already: end the stream with an error event and without [DONE].
             log.warning("model %s: stream broken: %s", model.id, exc)
             await response.send(_stream_error(model, exc))
         await response.eof()
-        return None
+        return None, upstream.status
     except asyncio.CancelledError:
         # The client went away: closing the connection tells llama-server to stop generating.
         upstream.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -17,13 +18,16 @@ from .events import Events
 from .errors import RouterError
 from .ini import ConfigError
 from .launchers import create_launcher
+from .keys import DEFAULT_KEYS
 from .memory import Floors
 from .policy import Limits
+from .quotas import Quotas
 from .refusals import http_error
 from .scheduling import QueueLimits, Scheduler
 from .scheduling.records import Phase, Refused
 from .settings import Settings
 from .systemd import Notifier
+from .usage import FILE as USAGE_FILE, Usage
 from .watcher import Watcher
 
 if TYPE_CHECKING:
@@ -35,6 +39,18 @@ DEBOUNCE = 0.25  # seconds: a copy or an editor's save is a burst of events, wor
 SETTLE = 1.0  # seconds a new GGUF must stay unchanged before it is offered
 WATCH_AFTER = 0.5  # seconds after serving begins that the file watcher starts
 STARTUP_HEADERS = 500  # headers read before the models are offered (about 0.1 s); the rest right after
+
+
+USAGE_EVERY = 1.0  # seconds between writes of the usage table: what a SIGKILL may lose
+
+
+def open_usage(path: Path) -> Usage:
+    """The usage file; one that cannot be opened leaves usage in memory, counted until a restart."""
+    try:
+        return Usage(path)
+    except (OSError, sqlite3.Error) as exc:
+        log.error("usage is not kept across restarts: %s cannot be opened: %s", path, exc)
+        return Usage(Path(":memory:"))
 
 
 def scheduling_limits(settings: Settings) -> Limits:
@@ -58,6 +74,8 @@ class Router:
                                    scheduling_limits(settings), self.events,
                                    Floors(settings.state_dir / "memory-floors.json"), queue_limits(settings))
         self._session: aiohttp.ClientSession | None = None
+        self.quotas = Quotas()
+        self.usage = open_usage(settings.state_dir / USAGE_FILE)
         self.notifier = Notifier()
         self.watcher = Watcher(lambda: self.poke(False), lambda: self.poke(True))
         self.config_error: str | None = None  # why the last reload was refused
@@ -141,9 +159,10 @@ class Router:
     def _watched(self) -> tuple[list[Path], list[Path], list[Path]]:
         settings = self.settings
         main, _ = settings.preset_files()
+        keys = settings.keys_file or DEFAULT_KEYS
         models = [d for d in (settings.models_dir, settings.hf_cache) if d is not None and d.is_dir()]
-        files = [main] + ([settings.config] if settings.config else [])
-        dropins = [d for d in [main.with_suffix(".d")] if d.is_dir()]
+        files = [main, keys] + ([settings.config] if settings.config else [])
+        dropins = [d for d in [main.with_suffix(".d"), keys.with_suffix(".d")] if d.is_dir()]
         return models, files, dropins
 
     def poke(self, reread_config: bool) -> None:
@@ -239,6 +258,7 @@ class Router:
             self.poke(False)
         await self.scheduler.adopt()
         self.spawn(self.scheduler.tick)
+        self.spawn(self._write_usage)
         models = list(self.scheduler.configs.values())
         invalid = sum(1 for m in models if m.file.error)
         log.info("found %d models (%d not usable) in %s%s", len(models), invalid,
@@ -250,6 +270,11 @@ class Router:
                     self.scheduler.load(model.id)
                 except Refused as exc:
                     log.error("model %s: not loaded at startup: %s", model.id, http_error(exc).message)
+
+    async def _write_usage(self) -> None:
+        while True:
+            await asyncio.sleep(USAGE_EVERY)
+            await self.usage.flush()
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -269,5 +294,6 @@ class Router:
         for task in self._tasks:
             task.cancel()
         await self.scheduler.close()
+        await self.usage.close()
         if self._session is not None:
             await self._session.close()

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 
 from sanic import Blueprint, Request
 
 from .access import Level, inference
+from .errors import RouterError, model_not_found
+from .keys import ANONYMOUS
 from .parse import add_routes, autoload, body_model, query_model
+from .refusals import http_error
 from .scheduling import FAKE_TIMING
+from .scheduling.records import Refused
+from .tokens import Meter
 
 bp = Blueprint("routing")
+log = logging.getLogger(__name__)
 
 # Every endpoint llama.cpp's router forwards, by the model named in the JSON body.
 POST_BY_BODY = (
@@ -32,20 +40,54 @@ POST_SETTINGS_BY_BODY = ("/props", "/lora-adapters", "/slots/<slot_id:int>")
 GET_BY_QUERY = ("/slots", "/lora-adapters")
 
 
-async def serve(request: Request, model_id: str):
-    """Forwards the request to the model's child, loading it first if need be (and allowed)."""
-    request.ctx.model_id = model_id
+def scoped(request: Request, name: str) -> str:
+    """The id of the model a request names, if its key may use it: for one outside the key's
+    models, the same 400 as for a name that does not exist, so a key learns nothing of them."""
+    scheduler = request.app.ctx.router.scheduler
+    model_id = scheduler.resolve(name)
+    key = getattr(request.ctx, "key", None)
+    if key is not None and not key.may_use((model_id, *scheduler.configs[model_id].aliases)):
+        raise model_not_found(name)
+    return model_id
+
+
+async def serve(request: Request, name: str):
+    """Forwards the request to the model's child, loading it first if need be (and allowed),
+    within its key's quotas; what it used is counted for the key once it has ended."""
+    request.ctx.model_id = name  # (counted by /metrics as the model it names, or "unknown")
+    model_id = request.ctx.model_id = scoped(request, name)
     router = request.app.ctx.router
     # aiohttp is imported with the first forwarded request, not before the router serves.
     from .proxy import forward
 
-    model = await router.scheduler.acquire(model_id, autoload(request))
+    key = request.ctx.key
+    router.quotas.reserve(key, time.monotonic())  # before it may wait: no key holds the queue beyond its share
+    began, meter, code = time.monotonic(), Meter(), 500
     try:
-        if FAKE_TIMING:
-            await asyncio.sleep(FAKE_TIMING)
-        return await forward(request, router.session, model)
+        model = await router.scheduler.acquire(model_id, autoload(request))
+        try:
+            if FAKE_TIMING:
+                await asyncio.sleep(FAKE_TIMING)
+            response, code = await forward(request, router.session, model, meter)
+            return response
+        finally:
+            router.scheduler.release(model)
+    except RouterError as exc:
+        code = exc.status
+        raise
+    except Refused as exc:
+        code = http_error(exc).status
+        raise
+    except asyncio.CancelledError:
+        code = 499  # the client left
+        raise
     finally:
-        router.scheduler.release(model)
+        used, now = meter.used(), time.monotonic()
+        router.quotas.release(key, used.total, now)
+        router.usage.add(key.name if key else ANONYMOUS, model_id, code, used.prompt, used.completion, now - began)
+        if key is not None:  # who asked what, in one line: never the key, never the prompt
+            log.info("key %s: %s %s model %s -> %d, %d+%d tokens, %.3f s", key.name, request.method, request.path,
+                     model_id, code, used.prompt, used.completion, now - began)
 
 
 async def post_by_body(request: Request, slot_id: int | None = None):

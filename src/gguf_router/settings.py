@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .ini import BOOLEAN_HINT, ConfigError, Value, boolean, expect_sections, read_ini
+from .keys import DEFAULT_KEYS, Keyring, read_keys
 from .sizes import parse_size
 
 ETC_DIR = Path("/etc/gguf-router")
@@ -122,6 +123,10 @@ class Settings:
         (), "with it, managing models (load, unload, reload, logs) needs this key; the --api-key keys then only run "
             "inference; repeatable", flags=("--admin-api-key",), metavar="KEY")
     admin_api_key_file: Path | None = setting(None, "file of admin keys, one per line", metavar="FILE")
+    # Named keys, each with a role, models and limits, and its own usage (keys.py).
+    keys_file: Path | None = setting(
+        None, "named keys INI file, plus FILE.d/*.ini (default /etc/gguf-router/keys.ini, if present)",
+        metavar="FILE")
     # Origins a browser may call the API from (CORS); none by default. llama-server's own spelling
     # too (comma-separated there): passed on, it would reach no browser.
     cors_origins: tuple[str, ...] = setting(
@@ -191,6 +196,10 @@ class Settings:
 
     def all_admin_keys(self) -> tuple[str, ...]:
         return self.admin_api_keys + keys_in(self.admin_api_key_file, "admin-api-key-file")
+
+    def keyring(self) -> Keyring:
+        """Every key, named and bare; raises ConfigError for a bad file or line."""
+        return read_keys(self.keys_file or DEFAULT_KEYS, self.all_api_keys(), self.all_admin_keys())
 
     def budget_bytes(self) -> int | None:
         """The memory budget in bytes; None when it is off."""

@@ -1,0 +1,135 @@
+"""`gguf-router key add|list|remove` and `gguf-router usage`: the keys file and the usage table,
+from a shell, with or without a running router (it rereads the keys file when it changes).
+
+The keys file is rewritten whole and renamed into place, keeping its owner, group and mode (a
+new one is 0640, group gguf-router where that group exists): a router reading it never sees half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import grp
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .ini import ConfigError
+from .keys import DEFAULT_KEYS, LIMITS, ROLE_NAMES, ROLES, key_files, new_key, read_keys, section, without_section
+from .settings import Settings
+from .usage import FILE as USAGE_FILE, read as read_usage, summed
+
+
+def _replace(path: Path, text: str) -> None:
+    try:
+        st = path.stat()
+        mode, owner, group = st.st_mode & 0o7777, st.st_uid, st.st_gid
+    except FileNotFoundError:
+        mode, owner, group = 0o640, os.getuid(), os.getgid()
+        with contextlib.suppress(KeyError):
+            group = grp.getgrnam("gguf-router").gr_gid
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.chmod(tmp, mode)
+        with contextlib.suppress(PermissionError):  # (not root: the file stays the caller's)
+            os.chown(tmp, owner, group)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _keys_file(settings: Settings, given: Path | None) -> Path:
+    return given or settings.keys_file or DEFAULT_KEYS
+
+
+def key(argv: list[str], settings_for) -> None:
+    p = argparse.ArgumentParser(prog="gguf-router key", allow_abbrev=False)
+    p.add_argument("--config", help="the router's config file (where keys-file may be set)")
+    p.add_argument("--keys-file", type=Path, help="the keys file (default: keys-file of the config, else "
+                                                  "/etc/gguf-router/keys.ini)")
+    commands = p.add_subparsers(dest="command", required=True)
+    add = commands.add_parser("add", help="create a key; it is printed once, only its hash is kept")
+    add.add_argument("name")
+    add.add_argument("--role", choices=tuple(ROLES), default="inference")
+    add.add_argument("--models", default="", help="comma-separated globs over model ids and aliases (default: all)")
+    for limit in LIMITS:
+        add.add_argument(f"--{limit}", type=int, default=0, metavar="N", help="0 = no limit (default)")
+    commands.add_parser("list", help="the keys, their roles, models and limits (never the keys)")
+    remove = commands.add_parser("remove", help="delete a key's section")
+    remove.add_argument("name")
+    args = p.parse_args(argv)
+    settings: Settings = settings_for({"config": args.config} if args.config else {})
+    path = _keys_file(settings, args.keys_file)
+    try:
+        ring = read_keys(path, settings.all_api_keys(), settings.all_admin_keys())
+    except ConfigError as exc:
+        raise SystemExit(f"gguf-router: {exc}") from None
+    if args.command == "list":
+        print(f"{'NAME':<20} {'ROLE':<10} {'MODELS':<24} LIMITS")
+        for k in ring.keys:
+            limits = ", ".join(f"{name} {getattr(k, name.replace('-', '_'))}" for name in LIMITS
+                               if getattr(k, name.replace("-", "_"))) or "none"
+            print(f"{k.name:<20} {ROLE_NAMES[k.role]:<10} {', '.join(k.models) or 'all':<24} {limits}")
+        return
+    if args.command == "add":
+        if any(k.name == args.name for k in ring.keys):
+            raise SystemExit(f"gguf-router: a key named {args.name} exists already")
+        clear = new_key()
+        text = path.read_text() if path.exists() else ""
+        text += ("\n" if text and not text.endswith("\n\n") else "") + section(
+            args.name, clear, args.role, args.models, {limit: getattr(args, limit.replace("-", "_")) for limit in LIMITS})
+        try:  # checked whole, as the router will read it
+            read_keys_text(path, text)
+        except ConfigError as exc:
+            raise SystemExit(f"gguf-router: {exc.message}") from None
+        _replace(path, text)
+        print(clear)
+        print(f"key {args.name} ({args.role}) added to {path}; it is shown only now", file=sys.stderr)
+        return
+    for candidate in key_files(path):
+        text = without_section(candidate.read_text(), args.name)
+        if text is not None:
+            _replace(candidate, text)
+            print(f"key {args.name} removed from {candidate}", file=sys.stderr)
+            return
+    raise SystemExit(f"gguf-router: no key [{args.name}] in {', '.join(map(str, key_files(path))) or path}")
+
+
+def read_keys_text(path: Path, text: str) -> None:
+    """Raises ConfigError if `text`, as the keys file at `path`, would not be read."""
+    with tempfile.TemporaryDirectory() as folder:
+        trial = Path(folder) / path.name
+        trial.write_text(text)
+        read_keys(trial, (), ())
+
+
+def _since(text: str) -> float:
+    units = {"m": 60, "h": 3600, "d": 86400}
+    if not text or text[-1] not in units or not text[:-1].isdigit():
+        raise SystemExit(f"gguf-router: --since {text!r}: give a number with m, h or d (24h, 7d)")
+    return time.time() - int(text[:-1]) * units[text[-1]]
+
+
+def usage(argv: list[str], settings_for) -> None:
+    p = argparse.ArgumentParser(prog="gguf-router usage", allow_abbrev=False)
+    p.add_argument("--config")
+    p.add_argument("--since", default="24h", help="how far back: 90m, 24h, 7d (default 24h)")
+    p.add_argument("--by", choices=("key", "model", "both"), default="both")
+    args = p.parse_args(argv)
+    settings: Settings = settings_for({"config": args.config} if args.config else {})
+    path = settings.state_dir / USAGE_FILE
+    if not path.exists():
+        raise SystemExit(f"gguf-router: no usage recorded yet ({path} does not exist)")
+    rows = summed(read_usage(path, _since(args.since)), args.by)
+    print(f"{args.by.upper() if args.by != 'both' else 'KEY/MODEL':<32} {'REQUESTS':>9} {'ERRORS':>7} "
+          f"{'PROMPT':>10} {'COMPLETION':>11} {'SECONDS':>9}")
+    for name, t in rows:
+        print(f"{name:<32} {t.requests:>9} {t.errors:>7} {t.prompt_tokens:>10} {t.completion_tokens:>11} "
+              f"{t.seconds:>9.1f}")

@@ -1,0 +1,214 @@
+"""Named API keys: who calls, with which role, on which models, within which limits.
+
+`/etc/gguf-router/keys.ini` (or `--keys-file`), then `keys.d/*.ini` beside it in name order, one
+section per key:
+
+    [alice]
+    key-sha256 = 9f86d0...      ; only the hash is stored (`key =` in clear, or `key-file =`, also work)
+    role = inference            ; read-only (lists, props, health), inference, admin
+    models = qwen*, llama3      ; globs over ids and aliases; default: all
+    concurrency = 4             ; requests in flight at once (0 or absent: no limit)
+    requests-per-minute = 120
+    tokens-per-minute = 200000  ; prompt + completion
+
+The bare keys of --api-key(-file) are named key-1, key-2 ..., those of --admin-api-key(-file)
+admin-1 ...; they keep the roles they had: an API key is admin unless admin keys exist.
+Pure: reading and checking, no request and no clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from .ini import ConfigError, Value, read_ini
+
+DEFAULT_KEYS = Path("/etc/gguf-router/keys.ini")
+
+
+class Level(enum.IntEnum):
+    """What a route needs, and what a key's role grants."""
+
+    PUBLIC = 0  # /health, the page: no key ever
+    READ = 1  # the model list, props, metrics, events
+    INFERENCE = 2  # what a model answers
+    ADMIN = 3  # loading, unloading, reloading, logs, deleting, usage; a shared child's global settings
+
+
+ROLES = {"read-only": Level.READ, "inference": Level.INFERENCE, "admin": Level.ADMIN}
+ROLE_NAMES = {level: name for name, level in ROLES.items()}
+LIMITS = ("concurrency", "requests-per-minute", "tokens-per-minute")
+ANONYMOUS = "anonymous"  # who a request without a (needed) key is, in usage and metrics
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode(errors="surrogateescape")).digest()
+
+
+def new_key() -> str:
+    """A random key, in the `sk-` form OpenAI clients expect."""
+    return "sk-" + secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    digest: bytes = b""
+    role: Level = Level.INFERENCE
+    models: tuple[str, ...] = ()  # globs over ids and aliases; () = all
+    concurrency: int = 0  # 0 = no limit, as for the two below
+    requests_per_minute: int = 0
+    tokens_per_minute: int = 0
+    clear: str | None = None  # the key itself, when the file holds it (the CLI's own commands use it)
+
+    def may_use(self, names: tuple[str, ...]) -> bool:
+        """Whether the key reaches a model known by these names (its id and aliases)."""
+        return not self.models or any(fnmatch.fnmatchcase(n, g) for g in self.models for n in names)
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.concurrency or self.requests_per_minute or self.tokens_per_minute)
+
+
+@dataclass(frozen=True)
+class Keyring:
+    keys: tuple[Key, ...] = ()
+    files: tuple[Path, ...] = ()  # the files read, for the watcher
+    # What a request without a valid key may do: everything with no keys; inference when the only
+    # keys are --admin-api-key ones (they guard management alone, as they always did); else only
+    # the public routes.
+    keyless_level: Level = Level.ADMIN
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def find(self, given: str) -> Key | None:
+        """The key given, compared with every key each time: how long it takes tells nothing."""
+        wanted, found = digest(given), None
+        for key in self.keys:
+            if hmac.compare_digest(wanted, key.digest):
+                found = key
+        return found
+
+    @property
+    def has_operators(self) -> bool:
+        """Whether admin keys stand apart: some key, or the keyless, may run inference without them."""
+        return (any(k.role is Level.ADMIN for k in self.keys)
+                and (self.keyless_level is Level.INFERENCE or any(k.role is not Level.ADMIN for k in self.keys)))
+
+    def clear_key(self, role: Level) -> str | None:
+        """A key held in clear with at least this role, for the router's own CLI to call it with."""
+        return next((k.clear for k in self.keys if k.clear and k.role >= role), None)
+
+
+def _number(value: Value, key: str) -> int:
+    if not value.text.isdigit():
+        raise ConfigError(value.where, f"{key} = {value.text!r} must be a whole number (0 = no limit)")
+    return int(value.text)
+
+
+def _key_from(name: str, entries: dict[str, Value], path: Path) -> Key:
+    where = next(iter(entries.values())).where if entries else str(path)
+    if not _NAME.fullmatch(name):
+        raise ConfigError(where, f"key name [{name}] must be letters, digits and . _ @ - (64 at most)")
+    unknown = set(entries) - {"key", "key-sha256", "key-file", "role", "models", *LIMITS}
+    if unknown:
+        first = min((entries[k] for k in unknown), key=lambda v: v.line)
+        raise ConfigError(first.where, f"unknown key setting {sorted(unknown)[0]!r} in [{name}]: use key-sha256, key, "
+                                       f"key-file, role, models, {', '.join(LIMITS)}")
+    given = [k for k in ("key", "key-sha256", "key-file") if k in entries]
+    if len(given) != 1:
+        raise ConfigError(where, f"[{name}] needs exactly one of key-sha256 = (the key's SHA-256 in hex), key = or "
+                                 f"key-file =, not {len(given) or 'none'}")
+    clear = None
+    if "key-sha256" in entries:
+        value = entries["key-sha256"]
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", value.text):
+            raise ConfigError(value.where, "key-sha256 must be 64 hex digits (printf %s KEY | sha256sum)")
+        hashed = bytes.fromhex(value.text)
+    else:
+        if "key-file" in entries:
+            value = entries["key-file"]
+            try:
+                clear = Path(value.text).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(value.where, f"key-file {value.text} cannot be read: {exc.strerror}") from None
+        else:
+            value = entries["key"]
+            clear = value.text
+        if not clear or any(c.isspace() for c in clear):
+            raise ConfigError(value.where, f"the key of [{name}] is empty or holds whitespace")
+        hashed = digest(clear)
+    role = entries.get("role")
+    if role is not None and role.text not in ROLES:
+        raise ConfigError(role.where, f"role = {role.text!r}: use one of {', '.join(ROLES)}")
+    models = tuple(g.strip() for g in entries["models"].text.split(",") if g.strip()) if "models" in entries else ()
+    limits = {k.replace("-", "_"): _number(entries[k], k) for k in LIMITS if k in entries}
+    return Key(name, hashed, ROLES[role.text] if role else Level.INFERENCE, models, clear=clear, **limits)
+
+
+def key_files(main: Path) -> list[Path]:
+    """The keys file and its drop-ins (keys.d/*.ini in name order), those that exist."""
+    dropins = main.with_suffix(".d")
+    extra = sorted(p for p in dropins.glob("*.ini") if p.is_file()) if dropins.is_dir() else []
+    return ([main] if main.is_file() else []) + extra
+
+
+def read_keys(main: Path, api_keys: tuple[str, ...], admin_keys: tuple[str, ...]) -> Keyring:
+    """The named keys of the files, then the bare keys of the command line and config (a bare
+    key that a file names too is that named key). Raises ConfigError, naming the file and line."""
+    keys: dict[str, Key] = {}
+    files = key_files(main)
+    for path in files:
+        for name, entries in read_ini(path).items():
+            if name in keys:
+                first = next(iter(entries.values()), None)
+                raise ConfigError(first.where if first else str(path), f"key [{name}] is named twice")
+            keys[name] = _key_from(name, entries, path)
+    seen: dict[bytes, str] = {}
+    for key in keys.values():
+        if key.digest in seen:
+            raise ConfigError(str(main), f"keys [{seen[key.digest]}] and [{key.name}] are the same key")
+        seen[key.digest] = key.name
+    files_keys = bool(keys)
+    has_admin = bool(admin_keys) or any(k.role is Level.ADMIN for k in keys.values())
+    for prefix, bare, role in (("admin", admin_keys, Level.ADMIN),
+                               ("key", api_keys, Level.INFERENCE if has_admin else Level.ADMIN)):
+        for number, clear in enumerate(bare, 1):
+            hashed = digest(clear)
+            if hashed not in seen:
+                seen[hashed] = f"{prefix}-{number}"
+                keys[f"{prefix}-{number}"] = Key(f"{prefix}-{number}", hashed, role, clear=clear)
+    only_admin = bool(admin_keys) and not api_keys and not files_keys
+    keyless = Level.ADMIN if not keys else Level.INFERENCE if only_admin else Level.PUBLIC
+    return Keyring(tuple(keys.values()), tuple(files), keyless)
+
+
+def section(name: str, key: str, role: str, models: str = "", limits: dict[str, int] | None = None) -> str:
+    """The text of a new key's section, its hash only."""
+    lines = [f"[{name}]", f"key-sha256 = {hashlib.sha256(key.encode()).hexdigest()}", f"role = {role}"]
+    if models:
+        lines.append(f"models = {models}")
+    lines += [f"{k} = {v}" for k, v in (limits or {}).items() if v]
+    return "\n".join(lines) + "\n"
+
+
+def without_section(text: str, name: str) -> str | None:
+    """The file's text less the section [name] (its lines, up to the next section); None when
+    it has no such section. Comments and other sections stay as they are."""
+    out, dropping, found = [], False, False
+    for line in text.splitlines(keepends=True):
+        header = re.match(r"\s*\[\s*([^\]]*?)\s*\]", line)
+        if header:
+            dropping = header.group(1) == name
+            found |= dropping
+        if not dropping:
+            out.append(line)
+    return "".join(out) if found else None
