@@ -90,6 +90,18 @@ def test_install_serves_with_a_key_then_tls_upgrade_keeps_key_and_model_purge_le
             limit = int(c.run("systemctl", "--user", "show", unit, "-p", "MemoryMax", "--value", user="gguf-router"))
             assert estimate["host_bytes"] + estimate["growth_bytes"] < limit < 1 << 30
 
+            # The install key is a named admin key; root adds a team member's, which works at once.
+            assert c.run("stat", "-c", "%a %U:%G", "/etc/gguf-router/keys.ini").strip() == "640 root:gguf-router"
+            assert c.run("gguf-router", "key", "list").split("\n")[1].split()[:2] == ["admin", "admin"]
+            alice = c.run("gguf-router", "key", "add", "alice", "--models", "SmolLM2*").strip().splitlines()[0]
+            assert c.run("stat", "-c", "%a %U:%G", "/etc/gguf-router/keys.ini").strip() == "640 root:gguf-router"
+            as_alice = {"Authorization": f"Bearer {alice}"}
+            c.wait_for(lambda: http.get("/v1/models", headers=as_alice).status_code == 200, what="alice's key accepted")
+            assert http.post("/v1/chat/completions", json=capital_question(MODEL), headers=as_alice).status_code == 200
+            assert http.post("/models/unload", json={"model": MODEL}, headers=as_alice).status_code == 403
+            table = c.run("gguf-router", "usage", "--by", "key", "--url", url)
+            assert any(line.split()[:2] == ["alice", "1"] for line in table.splitlines()), table
+
         # TLS, as README shows it: certificate and key readable by the router's group
         c.run("sh", "-c", "install -d -m 0750 -g gguf-router /etc/gguf-router/tls && "
                           "install -m 0640 -g gguf-router /share/tls/cert.pem /etc/gguf-router/tls/fullchain.pem && "

@@ -139,11 +139,14 @@ def test_usage_adds_up_to_what_clients_were_told_and_survives_a_restart_and_a_ki
     row = usage_of(killed, "alice")
     assert (row["requests"], row["prompt_tokens"], row["completion_tokens"]) == (
         8, prompt + more_prompt, completion + more_completion)
-    printed = subprocess.run([sys.executable, "-m", "gguf_router", "usage", "--by", "key",
-                              "--config", str(tmp_path / "empty.conf")],
-                             env={**os.environ, "GGUF_ROUTER_STATE_DIR": str(state)},
-                             capture_output=True, text=True, check=True).stdout
-    assert any(line.split()[:2] == ["alice", "8"] for line in printed.splitlines()), printed
+    command = [sys.executable, "-m", "gguf_router", "usage", "--by", "key", "--config", str(tmp_path / "empty.conf")]
+    asked = subprocess.run([*command, "--url", killed.url, "--api-key", KEYS["ops"]],
+                           capture_output=True, text=True, check=True).stdout
+    killed.stop()
+    read = subprocess.run([*command, "--url", killed.url], env={**os.environ, "GGUF_ROUTER_STATE_DIR": str(state)},
+                          capture_output=True, text=True, check=True).stdout  # the router is down: its file
+    for printed in (asked, read):
+        assert any(line.split()[:2] == ["alice", "8"] for line in printed.splitlines()), printed
 
 
 def test_a_key_added_from_the_command_line_works_at_once(start_router, tmp_path):

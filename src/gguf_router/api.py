@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from dataclasses import asdict
 
@@ -22,7 +21,7 @@ from .scheduling.records import Phase
 from .scheduling.views import ModelView
 from .parse import add_routes, asks_reload, json_body, model_field, query_model
 from .routing import scoped, serve
-from .usage import summed
+from .usage import since, summed
 
 bp = Blueprint("api")
 
@@ -245,19 +244,18 @@ async def usage(request: Request) -> JSONResponse:
     """What each key used: rows per key, model and hour since ?since= (90m, 24h, 7d; default 24h),
     or with ?by=key|model|both their totals."""
     since_text, by = request.args.get("since", "24h"), request.args.get("by")
-    match = re.fullmatch(r"(\d+)([mhd])", since_text)
-    if match is None:
+    start = since(since_text, time.time())
+    if start is None:
         raise RouterError(400, f"since={shown(since_text)!r}: give a number with m, h or d (90m, 24h, 7d)")
     if by not in (None, "key", "model", "both"):
         raise RouterError(400, f"by={shown(by)!r}: use key, model or both")
-    since = time.time() - int(match.group(1)) * {"m": 60, "h": 3600, "d": 86400}[match.group(2)]
-    rows = await request.app.ctx.router.usage.rows(since)
+    rows = await request.app.ctx.router.usage.rows(start)
     if by is None:
         data = [{"key": key, "model": model, "hour": hour, **asdict(tally)}
                 for (key, model, hour), tally in sorted(rows.items(), key=lambda item: (item[0][2], item[0][:2]))]
     else:
         data = [{"name": name, **asdict(tally)} for name, tally in summed(rows, by)]
-    return json_response({"object": "list", "since": int(since), "data": data})
+    return json_response({"object": "list", "since": int(start), "data": data})
 
 
 add_routes(bp, health, "GET", "/health", "/v1/health", access=Level.PUBLIC)

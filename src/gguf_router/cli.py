@@ -20,7 +20,7 @@ gguf-router [ROUTER OPTIONS] [LLAMA-SERVER OPTIONS...]
        gguf-router check-config [ROUTER OPTIONS] [LLAMA-SERVER OPTIONS...]
        gguf-router ps | load MODEL | unload MODEL | logs MODEL [-f]
        gguf-router key add NAME [--role R] [--models GLOBS] [--concurrency N] ... | key list | key remove NAME
-       gguf-router usage [--since 24h] [--by key|model]
+       gguf-router usage [--since 24h] [--by key|model|both]
        gguf-router demo-models DIR
        gguf-router haproxy-config | haproxy-sync [--config /etc/gguf-router/balancer.conf]
 
@@ -167,18 +167,18 @@ def balancer(command: str, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] and argv[0] in ("ps", "load", "unload", "logs"):
+    if argv[:1] and argv[0] in ("ps", "load", "unload", "logs", "usage"):
         from .control import main as control
 
         try:
             return control(argv[0], argv[1:], load_settings)
         except ConfigError as exc:
             fail(str(exc))
-    if argv[:1] and argv[0] in ("key", "usage"):
-        from . import keyadmin
+    if argv[:1] == ["key"]:
+        from .keyadmin import key
 
         try:
-            return getattr(keyadmin, argv[0])(argv[1:], load_settings)
+            return key(argv[1:], load_settings)
         except ConfigError as exc:
             fail(str(exc))
     if argv[:1] == ["check-config"]:

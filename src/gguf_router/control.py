@@ -19,12 +19,14 @@ from .ini import ConfigError
 from .keys import Level
 from .sizes import size_text
 from .settings import Settings
+from .usage import FILE as USAGE_FILE, Tally, read as read_usage, since, summed, table
 
 USAGE = """\
 gguf-router ps [--all]                 what is loaded: model, state, memory, idle for, unit
 gguf-router load MODEL                 load a model now
 gguf-router unload MODEL               unload it
 gguf-router logs MODEL [-f] [-n N]     its llama-server's log (-f: keep following)
+gguf-router usage [--since 24h] [--by key|model|both]   what each key used (the file, if the router is down)
   common options: --url http://HOST:PORT (default from the config), --config FILE, --api-key KEY
 """
 
@@ -112,6 +114,22 @@ def logs(client: Client, model: str, follow: bool, lines: int) -> None:
         shown = total
 
 
+def usage(client: Client, settings: Settings, since_text: str, by: str) -> None:
+    """Asked of the router (what it has not written yet included); read from its file when it is down."""
+    start = since(since_text, time.time())
+    if start is None:
+        raise SystemExit(f"gguf-router: --since {since_text!r}: give a number with m, h or d (90m, 24h, 7d)")
+    try:
+        query = urllib.parse.urlencode({"since": since_text, "by": by})
+        totals = [(row.pop("name"), Tally(**row)) for row in client.call("GET", f"/usage?{query}")["data"]]
+    except RouterDown:
+        path = settings.state_dir / USAGE_FILE
+        if not path.exists():
+            raise SystemExit(f"gguf-router: the router is down and no usage is recorded in {path}") from None
+        totals = summed(read_usage(path, start), by)
+    print(table(totals, by))
+
+
 def main(command: str, argv: list[str], settings_for) -> None:
     p = argparse.ArgumentParser(prog=f"gguf-router {command}", usage=USAGE)
     p.add_argument("--url")
@@ -124,6 +142,9 @@ def main(command: str, argv: list[str], settings_for) -> None:
     if command == "logs":
         p.add_argument("-f", "--follow", action="store_true")
         p.add_argument("-n", "--lines", type=int, default=50)
+    if command == "usage":
+        p.add_argument("--since", default="24h")
+        p.add_argument("--by", choices=("key", "model", "both"), default="both")
     args = p.parse_args(argv)
     settings: Settings = settings_for({"config": args.config} if args.config else {})
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
@@ -137,6 +158,8 @@ def main(command: str, argv: list[str], settings_for) -> None:
     try:
         if command == "ps":
             ps(client, args.all)
+        elif command == "usage":
+            usage(client, settings, args.since, args.by)
         elif command in ("load", "unload"):
             client.call("POST", f"/models/{command}", {"model": args.model})
             print(f"{args.model}: {'loading' if command == 'load' else 'unloading'}")

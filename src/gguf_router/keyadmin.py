@@ -1,5 +1,5 @@
-"""`gguf-router key add|list|remove` and `gguf-router usage`: the keys file and the usage table,
-from a shell, with or without a running router (it rereads the keys file when it changes).
+"""`gguf-router key add|list|remove`: the keys file, from a shell, with or without a running
+router (it rereads the keys file when it changes).
 
 The keys file is rewritten whole and renamed into place, keeping its owner, group and mode (a
 new one is 0640, group gguf-router where that group exists): a router reading it never sees half.
@@ -13,13 +13,11 @@ import grp
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from .ini import ConfigError
 from .keys import DEFAULT_KEYS, LIMITS, ROLE_NAMES, ROLES, key_files, new_key, read_keys, section, without_section
 from .settings import Settings
-from .usage import FILE as USAGE_FILE, read as read_usage, summed
 
 
 def _replace(path: Path, text: str) -> None:
@@ -108,28 +106,3 @@ def read_keys_text(path: Path, text: str) -> None:
         trial = Path(folder) / path.name
         trial.write_text(text)
         read_keys(trial, (), ())
-
-
-def _since(text: str) -> float:
-    units = {"m": 60, "h": 3600, "d": 86400}
-    if not text or text[-1] not in units or not text[:-1].isdigit():
-        raise SystemExit(f"gguf-router: --since {text!r}: give a number with m, h or d (24h, 7d)")
-    return time.time() - int(text[:-1]) * units[text[-1]]
-
-
-def usage(argv: list[str], settings_for) -> None:
-    p = argparse.ArgumentParser(prog="gguf-router usage", allow_abbrev=False)
-    p.add_argument("--config")
-    p.add_argument("--since", default="24h", help="how far back: 90m, 24h, 7d (default 24h)")
-    p.add_argument("--by", choices=("key", "model", "both"), default="both")
-    args = p.parse_args(argv)
-    settings: Settings = settings_for({"config": args.config} if args.config else {})
-    path = settings.state_dir / USAGE_FILE
-    if not path.exists():
-        raise SystemExit(f"gguf-router: no usage recorded yet ({path} does not exist)")
-    rows = summed(read_usage(path, _since(args.since)), args.by)
-    print(f"{args.by.upper() if args.by != 'both' else 'KEY/MODEL':<32} {'REQUESTS':>9} {'ERRORS':>7} "
-          f"{'PROMPT':>10} {'COMPLETION':>11} {'SECONDS':>9}")
-    for name, t in rows:
-        print(f"{name:<32} {t.requests:>9} {t.errors:>7} {t.prompt_tokens:>10} {t.completion_tokens:>11} "
-              f"{t.seconds:>9.1f}")

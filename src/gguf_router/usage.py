@@ -124,6 +124,23 @@ def read(path: Path, since: float) -> dict[Row, Tally]:
         return _select(db, since)
 
 
+def since(text: str, now: float) -> float | None:
+    """The Unix time `text` (90m, 24h, 7d) goes back to from `now`; None when it is not one."""
+    units = {"m": 60, "h": 3600, "d": 86400}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+        return None
+    return now - int(text[:-1]) * units[text[-1]]
+
+
+def table(totals: list[tuple[str, "Tally"]], by: str) -> str:
+    """Totals as `gguf-router usage` prints them."""
+    lines = [f"{by.upper() if by != 'both' else 'KEY/MODEL':<32} {'REQUESTS':>9} {'ERRORS':>7} {'PROMPT':>10} "
+             f"{'COMPLETION':>11} {'SECONDS':>9}"]
+    lines += [f"{name:<32} {t.requests:>9} {t.errors:>7} {t.prompt_tokens:>10} {t.completion_tokens:>11} "
+              f"{t.seconds:>9.1f}" for name, t in totals]
+    return "\n".join(lines)
+
+
 def summed(rows: dict[Row, Tally], by: str) -> list[tuple[str, Tally]]:
     """Rows added up by key, by model, or by both ("key/model"), largest first."""
     totals: dict[str, Tally] = collections.defaultdict(Tally)
