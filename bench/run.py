@@ -23,6 +23,7 @@ from pathlib import Path
 import aiohttp
 import psutil
 
+from gguf_router.keys import section
 from gguf_router.settings import BUILT_LLAMA_SERVER, CACHE_DIR
 from gguf_router.tinymodels import write_tiny_model
 
@@ -90,15 +91,16 @@ def gguf_router(models: Path, *extra: str) -> Target:
                                   "--host", "127.0.0.1", "--port", str(port), *extra], port)
 
 
-async def post(session, url, body) -> float:
+async def post(session, url, body, headers: dict | None = None) -> float:
     t = time.perf_counter()
-    async with session.post(url, json=body) as r:
+    async with session.post(url, json=body, headers=headers) as r:
         await r.read()
         assert r.status == 200, (url, r.status)
     return time.perf_counter() - t
 
 
-async def closed_loop(session, url, body, concurrency: int, requests: int) -> tuple[list[float], float]:
+async def closed_loop(session, url, body, concurrency: int, requests: int,
+                      headers: dict | None = None) -> tuple[list[float], float]:
     latencies: list[float] = []
     left = requests
 
@@ -106,7 +108,7 @@ async def closed_loop(session, url, body, concurrency: int, requests: int) -> tu
         nonlocal left
         while left > 0:
             left -= 1
-            latencies.append(await post(session, url, body))
+            latencies.append(await post(session, url, body, headers))
 
     t = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -387,6 +389,40 @@ async def churns(session, rows, work: Path) -> None:
                 label="8 clients, 2 real, max 1")
 
 
+async def keys(session, models: Path, work: Path, rows) -> None:
+    """/tokenize at c=8 by one of 50 named keys, with its quotas and usage accounting, against the
+    same router with one plain --api-key (whose usage is counted too), interleaved; llama-server and
+    llama.cpp's router with that plain key beside them."""
+    plain, named = "sk-plain-bench", {f"team-{i}": f"sk-team-{i}" for i in range(50)}
+    keys_file = work / "keys.ini"
+    (work / "none.ini").touch()
+    keys_file.write_text("".join(section(name, key, "inference", "tiny-*", {
+        "concurrency": 64, "requests-per-minute": 10**6, "tokens-per-minute": 10**9}) for name, key in named.items()))
+    targets = [(direct(models, "--api-key", plain), plain), (llamacpp_router(models, "--api-key", plain), plain),
+               (gguf_router(models, "--api-key", plain, "--keys-file", str(work / "none.ini"),
+                            "--state-dir", str(work / "state-plain")), plain),
+               (gguf_router(models, "--keys-file", str(keys_file), "--state-dir", str(work / "state-named")),
+                named["team-7"])]
+    targets[-1][0].name = "gguf-router, named keys"
+    body = {"model": "tiny-a", "content": "hello world"}
+    per: dict[str, tuple[list[float], float]] = {t.name: ([], 0.0) for t, _ in targets}
+    try:
+        for t, key in targets:
+            await t.ready(session)
+            await post(session, t.url + "/tokenize", body, {"Authorization": f"Bearer {key}"})
+        for _ in range(ROUNDS * 2):
+            for t, key in targets:
+                latencies, took = await closed_loop(session, t.url + "/tokenize", body, 8, 400,
+                                                    {"Authorization": f"Bearer {key}"})
+                per[t.name] = (per[t.name][0] + latencies, per[t.name][1] + took)
+    finally:
+        for t, _ in targets:
+            t.stop()
+    for name, (latencies, took) in per.items():
+        rows.append({"scenario": "/tokenize c=8, with a key", "target": name, "rps": len(latencies) / took,
+                     "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)})
+
+
 async def balancer(session, models: Path, rows) -> None:
     """What HAProxy in front adds: the same small chat through it and to the router directly,
     interleaved (one host; `gguf-router haproxy-config` and `haproxy-sync` as the README runs them)."""
@@ -523,9 +559,9 @@ async def main() -> None:
     # Under llama-server's 5 s keep-alive (cpp-httplib): a connection idle longer is closed under us.
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
     # `scripts/dev bench discovery`, `... memory`, `... admission`, `... startup`, `... balancer`,
-    # `... refused` or `... churn`: that part alone
+    # `... refused`, `... churn` or `... keys`: that part alone
     only = sys.argv[1] if sys.argv[1:] in (["discovery"], ["memory"], ["admission"], ["startup"], ["balancer"],
-                                           ["refused"], ["churn"]) else None
+                                           ["refused"], ["churn"], ["keys"]) else None
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         if only in (None, "memory"):
             print("memory ...", file=sys.stderr)
@@ -558,6 +594,9 @@ async def main() -> None:
         if only in (None, "churn"):
             print("churn ...", file=sys.stderr)
             await churns(session, rows, work)
+        if only in (None, "keys"):
+            print("keys ...", file=sys.stderr)
+            await keys(session, models, work, rows)
     if only in (None, "admission"):
         admission(rows)
     if only in (None, "startup"):

@@ -194,7 +194,8 @@ def routers_started(llama_server: Path, models_dir: Path, tmp_path: Path):
             (tmp_path / "no-presets.ini").touch()
             defaults += ["--models-preset", str(tmp_path / "no-presets.ini")]
         if "--keys-file" not in args:
-            defaults += ["--keys-file", str(tmp_path / "no-keys.ini")]  # absent: no named keys
+            (tmp_path / "no-keys.ini").touch()
+            defaults += ["--keys-file", str(tmp_path / "no-keys.ini")]
         router = RouterProcess(
             ["--models-dir", str(models or models_dir), "--llama-server", str(llama_server), *defaults, *args],
             tmp_path / f"router{len(routers)}.log", env, ca, host,

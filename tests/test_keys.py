@@ -65,11 +65,26 @@ def test_bare_keys_keep_the_levels_they_always_had(tmp_path):
     ("[a b]\nkey = x\n", ":2", "letters, digits"),
     ("[a]\nkey = x\n[b]\nkey = x\n", "keys.ini", "are the same key"),
     ("[a]\nkey-file = /nonexistent/k\n", ":2", "cannot be read"),
+    ("[key-1]\nkey = x\n", ":2", "how the keys of --api-key"),
+    ("[a]\nkey = x\nmodels = ,\n", ":3", "names no model"),
 ])
 def test_a_bad_keys_file_is_refused_naming_its_line(tmp_path, text, where, says):
     with pytest.raises(ConfigError) as refused:
         read_keys(keys_file(tmp_path, text), (), ())
     assert where in str(refused.value) and says in str(refused.value)
+
+
+def test_an_unreadable_line_is_not_shown_and_a_named_file_must_exist(tmp_path):
+    with pytest.raises(ConfigError) as refused:
+        read_keys(keys_file(tmp_path, "[a]\nkey = x\nsk-pasted-here-by-mistake\n"), (), ())
+    assert "keys.ini:3" in str(refused.value) and "sk-pasted" not in str(refused.value)
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_keys(tmp_path / "typo.ini", (), (), named=True)
+    held = tmp_path / "two-keys"
+    held.write_text("# two keys\nsk-one\nsk-two\n")
+    with pytest.raises(ConfigError, match="holds 2 keys"):
+        read_keys(keys_file(tmp_path, f"[a]\nkey-file = {held}\n"), (), ())
+    assert "sk-" not in repr(read_keys(keys_file(tmp_path, "[a]\nkey = sk-secret\n"), (), ()))
 
 
 def test_a_section_is_removed_and_nothing_else():
@@ -135,3 +150,10 @@ def test_tokens_are_read_from_usage_timings_or_the_pieces_a_cut_stream_sent():
     tokenize = Meter()
     tokenize.feed(b'{"tokens":[1,2,3]}')
     assert tokenize.used().total == 0
+    counting = Meter(counted=False)  # /v1/messages/count_tokens: it tells a count, it uses none
+    counting.feed(b'{"input_tokens":1234}')
+    assert counting.used().total == 0
+    batch = Meter()  # /completion with a list of prompts: one answer each, all counted
+    batch.feed(b'[{"content":"a","tokens_evaluated":3,"tokens_predicted":4},'
+               b'{"content":"b","tokens_evaluated":5,"tokens_predicted":6}]')
+    assert (batch.used().prompt, batch.used().completion) == (8, 10)

@@ -149,6 +149,32 @@ def test_usage_adds_up_to_what_clients_were_told_and_survives_a_restart_and_a_ki
         assert any(line.split()[:2] == ["alice", "8"] for line in printed.splitlines()), printed
 
 
+def test_a_scoped_key_learns_nothing_of_other_models_or_keys_from_metrics(start_router, tmp_path):
+    r = start(start_router, tmp_path)
+    assert r.http.post("/v1/chat/completions", json=chat("tiny-b"), headers=auth("carol")).status_code == 200
+    assert r.http.post("/v1/chat/completions", json=chat("tiny-b"), headers=auth("alice")).status_code == 400
+    seen_by_alice = r.http.get("/metrics", headers=auth("alice")).text
+    assert 'model="tiny-a"' in seen_by_alice and 'model="tiny-b"' not in seen_by_alice
+    assert "carol" not in seen_by_alice  # other keys' figures are for admins
+    assert 'gguf_router_key_requests_total{key="carol",model="tiny-b",code="200"} 1' in r.http.get("/metrics").text
+    assert r.http.get("/usage", headers=auth("alice")).status_code == 403
+
+
+def test_a_keys_file_emptied_by_mistake_does_not_open_the_router(start_router, tmp_path):
+    r = start(start_router, tmp_path)
+    refused = subprocess.run([sys.executable, "-m", "gguf_router", "key", "--keys-file", str(tmp_path / "one.ini"),
+                              "add", "only"], capture_output=True, text=True, check=True)
+    last = subprocess.run([sys.executable, "-m", "gguf_router", "key", "--keys-file", str(tmp_path / "one.ini"),
+                           "remove", "only"], capture_output=True, text=True)
+    assert refused.stdout.startswith("sk-") and last.returncode != 0 and "last key" in last.stderr
+    (tmp_path / "keys.ini").write_text("")  # as an editor's mistake leaves it
+    r.wait_for(lambda: "no key left" in (r.http.get("/props").json()["config_error"] or ""),
+               what="the reload refused")
+    assert r.http.get("/v1/models", headers={"Authorization": ""}).status_code == 401  # still closed
+    assert r.http.get("/v1/models", headers=auth("bob")).status_code == 200  # the last keys stay in use
+    assert r.http.get("/props", headers=auth("bob")).json()["config_error"] is None  # for admins only
+
+
 def test_a_key_added_from_the_command_line_works_at_once(start_router, tmp_path):
     r = start(start_router, tmp_path)
     added = subprocess.run([sys.executable, "-m", "gguf_router", "key", "--keys-file", str(tmp_path / "keys.ini"),

@@ -227,7 +227,8 @@ async def props(request: Request):
         "build_info": build_info(settings.llama_server),
         "gguf_router_version": __version__,
         # Why the last reload was refused (the last good config stays in use); null when none was.
-        "config_error": router.config_error,
+        # For admins: a refused line may be a secret that was not meant for that file.
+        "config_error": router.config_error if request.ctx.level is Level.ADMIN else None,
         "cors_proxy_enabled": False,
     })
 
@@ -236,7 +237,8 @@ async def metrics(request: Request):
     """The router's figures and every loaded child's (Prometheus text), or with ?model= that model's own."""
     if request.args.get("model"):
         return await serve(request, query_model(request))
-    text = await render_metrics(request.app.ctx.router, request.app.ctx.request_counts)
+    text = await render_metrics(request.app.ctx.router, request.app.ctx.request_counts,
+                                lambda model_id: visible(request, model_id), request.ctx.level is Level.ADMIN)
     return raw(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -249,7 +251,8 @@ async def usage(request: Request) -> JSONResponse:
         raise RouterError(400, f"since={shown(since_text)!r}: give a number with m, h or d (90m, 24h, 7d)")
     if by not in (None, "key", "model", "both"):
         raise RouterError(400, f"by={shown(by)!r}: use key, model or both")
-    rows = await request.app.ctx.router.usage.rows(start)
+    rows = {row: tally for row, tally in (await request.app.ctx.router.usage.rows(start)).items()
+            if visible(request, row[1])}
     if by is None:
         data = [{"key": key, "model": model, "hour": hour, **asdict(tally)}
                 for (key, model, hour), tally in sorted(rows.items(), key=lambda item: (item[0][2], item[0][:2]))]

@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 from .ini import ConfigError
 from .keys import Level
@@ -29,6 +30,9 @@ gguf-router logs MODEL [-f] [-n N]     its llama-server's log (-f: keep followin
 gguf-router usage [--since 24h] [--by key|model|both]   what each key used (the file, if the router is down)
   common options: --url http://HOST:PORT (default from the config), --config FILE, --api-key KEY
 """
+
+
+SERVICE_STATE = Path("/var/lib/gguf-router")  # gguf-router.service's StateDirectory=
 
 
 class RouterDown(Exception):
@@ -123,7 +127,9 @@ def usage(client: Client, settings: Settings, since_text: str, by: str) -> None:
         query = urllib.parse.urlencode({"since": since_text, "by": by})
         totals = [(row.pop("name"), Tally(**row)) for row in client.call("GET", f"/usage?{query}")["data"]]
     except RouterDown:
-        path = settings.state_dir / USAGE_FILE
+        # The router's own state dir: its config's, else the unit's (not the caller's own, under sudo).
+        path = next((p for p in (settings.state_dir / USAGE_FILE, SERVICE_STATE / USAGE_FILE) if p.exists()),
+                    settings.state_dir / USAGE_FILE)
         if not path.exists():
             raise SystemExit(f"gguf-router: the router is down and no usage is recorded in {path}") from None
         totals = summed(read_usage(path, start), by)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import grp
 import os
 import sys
@@ -21,6 +22,9 @@ from .settings import Settings
 
 
 def _replace(path: Path, text: str) -> None:
+    """Writes the file whole, on disk before it is renamed over the old one (a crash leaves one or
+    the other, never an empty file); a symlink's target is what is replaced."""
+    path = path.resolve()
     try:
         st = path.stat()
         mode, owner, group = st.st_mode & 0o7777, st.st_uid, st.st_gid
@@ -33,10 +37,17 @@ def _replace(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as out:
             out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
         os.chmod(tmp, mode)
         with contextlib.suppress(PermissionError):  # (not root: the file stays the caller's)
             os.chown(tmp, owner, group)
         os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -65,6 +76,22 @@ def key(argv: list[str], settings_for) -> None:
     args = p.parse_args(argv)
     settings: Settings = settings_for({"config": args.config} if args.config else {})
     path = _keys_file(settings, args.keys_file)
+    with _locked(path.resolve().parent):  # two `key add` at once: each sees what the other wrote
+        _edit(args, settings, path)
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _edit(args, settings: Settings, path: Path) -> None:
     try:
         ring = read_keys(path, settings.all_api_keys(), settings.all_admin_keys())
     except ConfigError as exc:
@@ -91,6 +118,9 @@ def key(argv: list[str], settings_for) -> None:
         print(clear)
         print(f"key {args.name} ({args.role}) added to {path}; it is shown only now", file=sys.stderr)
         return
+    if [k.name for k in ring.keys] == [args.name]:
+        raise SystemExit(f"gguf-router: {args.name} is the last key: without it anyone could use and manage the "
+                         "router (the router would keep it until restarted); add another first")
     for candidate in key_files(path):
         text = without_section(candidate.read_text(), args.name)
         if text is not None:

@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .ini import ConfigError, Value, read_ini
@@ -46,6 +46,7 @@ ROLE_NAMES = {level: name for name, level in ROLES.items()}
 LIMITS = ("concurrency", "requests-per-minute", "tokens-per-minute")
 ANONYMOUS = "anonymous"  # who a request without a (needed) key is, in usage and metrics
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+_BARE = re.compile(r"(key|admin)-\d+")
 
 
 def digest(key: str) -> bytes:
@@ -60,13 +61,15 @@ def new_key() -> str:
 @dataclass(frozen=True)
 class Key:
     name: str
-    digest: bytes = b""
+    digest: bytes = field(default=b"", repr=False)
     role: Level = Level.INFERENCE
     models: tuple[str, ...] = ()  # globs over ids and aliases; () = all
     concurrency: int = 0  # 0 = no limit, as for the two below
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
-    clear: str | None = None  # the key itself, when the file holds it (the CLI's own commands use it)
+    # The key itself, when the file holds it (the CLI's own commands use it). Neither it nor the
+    # digest is ever shown: not in a log, not in an error, not in a repr.
+    clear: str | None = field(default=None, repr=False)
 
     def may_use(self, names: tuple[str, ...]) -> bool:
         """Whether the key reaches a model known by these names (its id and aliases)."""
@@ -118,6 +121,9 @@ def _key_from(name: str, entries: dict[str, Value], path: Path) -> Key:
     where = next(iter(entries.values())).where if entries else str(path)
     if not _NAME.fullmatch(name):
         raise ConfigError(where, f"key name [{name}] must be letters, digits and . _ @ - (64 at most)")
+    if _BARE.fullmatch(name):
+        raise ConfigError(where, f"key name [{name}] is how the keys of --api-key and --admin-api-key are named: "
+                                 "choose another")
     unknown = set(entries) - {"key", "key-sha256", "key-file", "role", "models", *LIMITS}
     if unknown:
         first = min((entries[k] for k in unknown), key=lambda v: v.line)
@@ -137,9 +143,13 @@ def _key_from(name: str, entries: dict[str, Value], path: Path) -> Key:
         if "key-file" in entries:
             value = entries["key-file"]
             try:
-                clear = Path(value.text).read_text().strip()
+                lines = Path(value.text).read_text().splitlines()
             except OSError as exc:
                 raise ConfigError(value.where, f"key-file {value.text} cannot be read: {exc.strerror}") from None
+            held = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+            if len(held) != 1:
+                raise ConfigError(value.where, f"key-file {value.text} holds {len(held)} keys: it must hold one")
+            clear = held[0]
         else:
             value = entries["key"]
             clear = value.text
@@ -150,6 +160,8 @@ def _key_from(name: str, entries: dict[str, Value], path: Path) -> Key:
     if role is not None and role.text not in ROLES:
         raise ConfigError(role.where, f"role = {role.text!r}: use one of {', '.join(ROLES)}")
     models = tuple(g.strip() for g in entries["models"].text.split(",") if g.strip()) if "models" in entries else ()
+    if "models" in entries and not models:
+        raise ConfigError(entries["models"].where, "models = names no model: leave it out for all, or give globs")
     limits = {k.replace("-", "_"): _number(entries[k], k) for k in LIMITS if k in entries}
     return Key(name, hashed, ROLES[role.text] if role else Level.INFERENCE, models, clear=clear, **limits)
 
@@ -161,13 +173,22 @@ def key_files(main: Path) -> list[Path]:
     return ([main] if main.is_file() else []) + extra
 
 
-def read_keys(main: Path, api_keys: tuple[str, ...], admin_keys: tuple[str, ...]) -> Keyring:
+def read_keys(main: Path, api_keys: tuple[str, ...], admin_keys: tuple[str, ...], named: bool = False) -> Keyring:
     """The named keys of the files, then the bare keys of the command line and config (a bare
-    key that a file names too is that named key). Raises ConfigError, naming the file and line."""
+    key that a file names too is that named key). Raises ConfigError, naming the file and line.
+    `named`: the file was given by name, and must exist (a typo must not leave a router open)."""
     keys: dict[str, Key] = {}
     files = key_files(main)
+    if named and not main.is_file():
+        raise ConfigError(str(main), "the keys file does not exist (keys-file)")
     for path in files:
-        for name, entries in read_ini(path).items():
+        try:
+            sections = read_ini(path)
+        except ConfigError as exc:  # said without the line, which may hold a key
+            hidden = exc.message.startswith("expected")
+            raise ConfigError(exc.where, "expected [section] or key = value (the line is not shown: it may hold "
+                                         "a key)" if hidden else exc.message) from None
+        for name, entries in sections.items():
             if name in keys:
                 first = next(iter(entries.values()), None)
                 raise ConfigError(first.where if first else str(path), f"key [{name}] is named twice")

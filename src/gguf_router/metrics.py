@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import defaultdict
+from typing import Callable
 
 from .scheduling.records import STATUS
 
@@ -20,8 +21,10 @@ def count_request(request, response) -> None:
     """Requests answered, by model, endpoint and status (a response hook)."""
     route = request.route.path if request.route else "unmatched"
     named = getattr(request.ctx, "model_id", "")
-    # Only ids of models that exist become labels: a client's made-up names all count as "unknown".
-    model = request.app.ctx.router.scheduler.canonical(named) or ("unknown" if named else "")
+    # Only ids of models that exist become labels: a client's made-up names all count as "unknown",
+    # as do names of models its key may not use (routing.scoped).
+    model = (not getattr(request.ctx, "out_of_scope", False) and request.app.ctx.router.scheduler.canonical(named)) \
+        or ("unknown" if named else "")
     request.app.ctx.request_counts[(model, "/" + route.lstrip("/"), response.status)] += 1
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(.*)$")
 
@@ -46,7 +49,7 @@ class Family:
         return "\n".join([f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}", *self.samples])
 
 
-def router_families(router, models: list, request_counts: dict) -> list[Family]:
+def router_families(router, models: list, request_counts: dict, admin: bool) -> list[Family]:
     state = Family("gguf_router_model_state", "gauge", "1 for the state each model is in")
     states = list(dict.fromkeys(STATUS.values())) + ["invalid"]
     counters = {
@@ -112,14 +115,14 @@ def router_families(router, models: list, request_counts: dict) -> list[Family]:
         budget.add(fleet.limits.budget)
     reserved = Family("gguf_router_memory_reserved_bytes", "gauge", "memory the running models are counted at")
     reserved.add(fleet.reserved)
-    # By key name (never the key), as usage counts them since the router started.
+    # By key name (never the key), as usage counts them since the router started; for admins only.
     key_requests = Family("gguf_router_key_requests_total", "counter", "requests routed to a model, by key, model "
                           "and status")
-    for (key, model_id, code), count in sorted(router.usage.requests.items()):
+    for (key, model_id, code), count in sorted(router.usage.requests.items()) if admin else ():
         key_requests.add(count, key=key, model=model_id, code=code)
     key_tokens = Family("gguf_router_key_tokens_total", "counter", "tokens the children reported, by key, model and "
                         "kind (prompt, completion)")
-    for (key, model_id, kind), count in sorted(router.usage.tokens.items()):
+    for (key, model_id, kind), count in sorted(router.usage.tokens.items()) if admin else ():
         key_tokens.add(count, key=key, model=model_id, kind=kind)
     families = [state, *counters.values(), load_seconds, in_flight, queued, memory, peak, estimate, limit, requests,
                 waited, refused, budget, reserved, key_requests, key_tokens]
@@ -149,9 +152,12 @@ def relabel(text: str, model_id: str, families: dict[str, list[str]], headers: d
         families[name].append(f"{name}{{{extra}}} {value}")
 
 
-async def render(router, request_counts: dict) -> str:
-    models = router.scheduler.views()  # one look at the records serves both parts of the scrape
-    parts = [family.text() for family in router_families(router, models, request_counts)]
+async def render(router, request_counts: dict, visible: Callable[[str], bool], admin: bool) -> str:
+    """`visible`: the models the caller's key may know of; `admin`: it sees every key's figures too."""
+    models = [m for m in router.scheduler.views() if visible(m.id)]  # one look serves both parts
+    counts = {labels: n for labels, n in request_counts.items() if not labels[0] or labels[0] == "unknown"
+              or visible(labels[0])}
+    parts = [family.text() for family in router_families(router, models, counts, admin)]
     loaded = [m for m in models if m.serving]
 
     import aiohttp  # imported when first needed, not before the router serves

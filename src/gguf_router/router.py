@@ -18,7 +18,7 @@ from .events import Events
 from .errors import RouterError
 from .ini import ConfigError
 from .launchers import create_launcher
-from .keys import DEFAULT_KEYS
+from .keys import DEFAULT_KEYS, Level
 from .memory import Floors
 from .policy import Limits
 from .quotas import Quotas
@@ -124,6 +124,11 @@ class Router:
         config, discovery = self.config, self.discovery
         if reread_config:
             config = await asyncio.to_thread(load_config, self._reload_settings())
+            if config.keys.keyless_level is Level.ADMIN and self.config.keys.keyless_level is not Level.ADMIN:
+                # A keys file deleted or emptied by mistake must not open the router to everyone.
+                raise ConfigError(str(config.settings.keys_file or DEFAULT_KEYS),
+                                  "with it the router would have no key left, and anyone could manage it: the "
+                                  "last keys stay in use (restart the router to run it without keys)")
             settings = config.settings
             await asyncio.to_thread(tls.check, settings)  # before anything is swapped in
             if (settings.models_dir, settings.hf_cache) != (discovery.models_dir, discovery.hf_cache):
@@ -293,6 +298,7 @@ class Router:
         self.watcher.stop()
         for task in self._tasks:
             task.cancel()
+        await self.usage.flush()  # before the children stop, which may take their stop timeout
         await self.scheduler.close()
         await self.usage.close()
         if self._session is not None:

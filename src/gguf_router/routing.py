@@ -36,6 +36,8 @@ POST_FILES_BY_BODY = ("/audio/transcriptions", "/v1/audio/transcriptions")
 # These change a child's settings for everyone it serves (POST /slots/N saves or restores a
 # slot file): managing models.
 POST_SETTINGS_BY_BODY = ("/props", "/lora-adapters", "/slots/<slot_id:int>")
+# Those that count or convert tokens, or render a prompt, and generate nothing: no tokens are used.
+UNCOUNTED = ("/tokenize", "/detokenize", "/apply-template", "/input_tokens", "/count_tokens")
 # And those that name it in the query string.
 GET_BY_QUERY = ("/slots", "/lora-adapters")
 
@@ -47,6 +49,7 @@ def scoped(request: Request, name: str) -> str:
     model_id = scheduler.resolve(name)
     key = getattr(request.ctx, "key", None)
     if key is not None and not key.may_use((model_id, *scheduler.configs[model_id].aliases)):
+        request.ctx.out_of_scope = True
         raise model_not_found(name)
     return model_id
 
@@ -61,8 +64,12 @@ async def serve(request: Request, name: str):
     from .proxy import forward
 
     key = request.ctx.key
-    router.quotas.reserve(key, time.monotonic())  # before it may wait: no key holds the queue beyond its share
-    began, meter, code = time.monotonic(), Meter(), 500
+    try:
+        router.quotas.reserve(key, time.monotonic())  # before it may wait: no key holds the queue beyond its share
+    except RouterError as refused:
+        router.usage.add(key.name, model_id, refused.status, 0, 0, 0.0)  # throttling shows in usage and metrics
+        raise
+    began, meter, code = time.monotonic(), Meter(counted=not request.path.rstrip("/").endswith(UNCOUNTED)), 500
     try:
         model = await router.scheduler.acquire(model_id, autoload(request))
         try:

@@ -199,7 +199,8 @@ class Settings:
 
     def keyring(self) -> Keyring:
         """Every key, named and bare; raises ConfigError for a bad file or line."""
-        return read_keys(self.keys_file or DEFAULT_KEYS, self.all_api_keys(), self.all_admin_keys())
+        return read_keys(self.keys_file or DEFAULT_KEYS, self.all_api_keys(), self.all_admin_keys(),
+                         named=self.keys_file is not None)
 
     def budget_bytes(self) -> int | None:
         """The memory budget in bytes; None when it is off."""

@@ -31,7 +31,8 @@ class Used:
 
 
 class Meter:
-    def __init__(self) -> None:
+    def __init__(self, counted: bool = True) -> None:
+        self.counted = counted  # False for the endpoints that only count tokens (count_tokens, tokenize)
         self.stream = False  # set for an event stream: only there is a piece of content a token
         self._last: dict[bytes, int] = {}  # each field's last value
         self._pieces = 0
@@ -43,11 +44,16 @@ class Meter:
         start = len(self._tail)
         for match in _FIELD.finditer(window):
             if match.end() > start:  # (one wholly inside the kept tail was counted with the last chunk)
-                self._last[match.group(1)] = int(match.group(2))
+                # A stream's figures grow as it goes (the last one is the total); a whole body
+                # may hold several answers (/completion with a list of prompts), each counted.
+                name, value = match.group(1), int(match.group(2))
+                self._last[name] = value if self.stream else self._last.get(name, 0) + value
         self._pieces += sum(1 for m in _PIECE.finditer(window) if m.end() > start)
         self._tail = window[-_OVERLAP:]
 
     def used(self) -> Used:
+        if not self.counted:
+            return Used()
         f = self._last
         if b"prompt_tokens" in f or b"input_tokens" in f:
             return Used(f.get(b"prompt_tokens", f.get(b"input_tokens", 0)),

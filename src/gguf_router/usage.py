@@ -12,10 +12,13 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import logging
 import sqlite3
 import time
 from dataclasses import astuple, dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 FILE = "usage.sqlite3"
 HOUR = 3600
@@ -77,11 +80,14 @@ class Usage:
         self._db = connect(path)
         self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="usage")
         self._pending: dict[Row, Tally] = collections.defaultdict(Tally)
+        self._closed = False
         # Since the router started, for /metrics: (key, model, code) -> requests; (key, model, kind) -> tokens.
         self.requests: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self.tokens: collections.Counter[tuple[str, str, str]] = collections.Counter()
 
     def add(self, key: str, model: str, code: int, prompt: int, completion: int, seconds: float) -> None:
+        if self._closed:  # the router has stopped (requests end before that; one cut off is not written)
+            return
         tally = self._pending[(key, model, int(self.clock()) // HOUR * HOUR)]
         tally.add(Tally(1, int(code >= 400), prompt, completion, seconds))
         self.requests[(key, model, code)] += 1
@@ -89,10 +95,18 @@ class Usage:
         self.tokens[(key, model, "completion")] += completion
 
     async def flush(self) -> None:
-        """Writes what was added since the last flush, in one transaction."""
+        """Writes what was added since the last flush, in one transaction. A write that fails (a
+        full disk, a lock held too long) is logged and its rows go back to be written next time;
+        a flush cancelled while it writes still writes."""
         batch, self._pending = self._pending, collections.defaultdict(Tally)
-        if batch:
-            await asyncio.get_running_loop().run_in_executor(self._thread, self._write, batch)
+        if not batch:
+            return
+        try:
+            await asyncio.shield(asyncio.get_running_loop().run_in_executor(self._thread, self._write, batch))
+        except sqlite3.Error as exc:
+            log.error("usage not written to %s, kept to try again: %s", self.path, exc)
+            for row, tally in batch.items():
+                self._pending[row].add(tally)
 
     def _write(self, batch: dict[Row, Tally]) -> None:
         with self._db:
@@ -111,6 +125,7 @@ class Usage:
         await self.flush()
         await asyncio.get_running_loop().run_in_executor(self._thread, self._db.close)
         self._thread.shutdown()
+        self._closed = True
 
 
 def _select(db: sqlite3.Connection, since: float) -> dict[Row, Tally]:

@@ -12,8 +12,9 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from ..access import given_key, keys_match
+from ..access import given_key
 from ..errors import RouterError
+from ..keys import Key, Keyring, digest
 from ..systemd import Notifier
 from .follow import Follower
 from .haproxy import HAProxyError, RuntimeAPI
@@ -42,6 +43,7 @@ class Sync:
     def __init__(self, settings: BalancerSettings):
         self.settings = settings
         self.keys = settings.api_keys()
+        self.keyring = Keyring(tuple(Key(f"key-{n}", digest(k)) for n, k in enumerate(self.keys, 1)))
         self.runtime = RuntimeAPI(settings.runtime_socket)
         self.followers: list[Follower] = []
         self._changed = asyncio.Event()
@@ -119,7 +121,7 @@ class Sync:
         return web.json_response({"status": "ok", "hosts": hosts})
 
     async def models(self, request: web.Request) -> web.Response:
-        if self.keys and not keys_match(given_key(request), self.keys):
+        if self.keys and self.keyring.find(given_key(request)) is None:
             return _error(RouterError(401, "Invalid API Key", "authentication_error"))
         return web.json_response({"object": "list", "data": listing(self.hosts())})
 
