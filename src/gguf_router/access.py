@@ -11,7 +11,7 @@ Callers, by the key they give (keys.py):
   Host names the router serves (DNS rebinding: a web page must not reach it by another name);
 - a key: what its role grants (a bare --api-key: inference, or everything without admin keys);
 - no key, or a wrong one: only public routes, or inference too when only admin keys are set.
-Keys are compared by their hash, with every configured key each time.
+Keys are looked up by their SHA-256, never compared as text.
 
 Browsers: POST bodies must say they are JSON (or multipart where files are taken), so a page on
 another origin cannot send one without a CORS preflight, which only `--cors-origin` answers.
