@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import chat
+from gguf_router.keys import section
+
 CHROMIUM = shutil.which("chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -69,3 +72,28 @@ def test_the_page_lists_loads_chats_and_unloads_live_with_an_api_key(start_route
     state_of(page, "tiny-b", "unloaded").wait_for(timeout=30_000)
     assert router.state("tiny-b") == "unloaded"
     assert page.inner_text("#summary") == "1 of 3 models loaded"
+
+
+def test_the_page_shows_an_admin_the_usage_per_key_and_a_scoped_key_its_models(start_router, page, tmp_path):
+    keys = tmp_path / "keys.ini"
+    keys.write_text(section("ops", "sk-page-ops", "admin") + section("alice", "sk-page-alice", "inference", "tiny-a"))
+    router = start_router("--keys-file", str(keys))
+    for _ in range(3):
+        assert router.http.post("/v1/chat/completions", json=chat("tiny-a"),
+                                headers={"Authorization": "Bearer sk-page-alice"}).status_code == 200
+    page.goto(router.url + "/")
+    page.locator("#key-form").wait_for(state="visible")
+    page.fill("#key", "sk-page-ops")
+    page.click("#key-form button")
+    row = page.locator("#usage tr[data-key='alice']")
+    row.wait_for()
+    assert [cell.inner_text() for cell in row.locator("td").all()][:3] == ["alice", "tiny-a", "3"]
+
+    page.evaluate("localStorage.clear()")
+    page.goto(router.url + "/")
+    page.locator("#key-form").wait_for(state="visible")
+    page.fill("#key", "sk-page-alice")
+    page.click("#key-form button")
+    state_of(page, "tiny-a", "loaded").wait_for(timeout=30_000)
+    assert page.locator("#models tbody tr").count() == 1  # only the models the key may use
+    assert page.locator("#usage-section").is_hidden()

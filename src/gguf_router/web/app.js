@@ -1,4 +1,5 @@
-// gguf-router's page: the model list (live, from /models/sse), load/unload, and a streamed chat.
+// gguf-router's page: the model list (live, from /models/sse), load/unload, usage per key (for
+// admins), and a streamed chat.
 // Plain JavaScript, no build step, nothing from the network but this router.
 "use strict";
 
@@ -56,10 +57,29 @@ async function refresh() {
   const loaded = models.filter((m) => m.status.value === "loaded").length;
   $("summary").textContent = `${loaded} of ${models.length} models loaded`;
   showBudget(models, await (await api("/props")).json());
+  await showUsage();
   const picker = $("picker");
   const chosen = picker.value;
   picker.replaceChildren(...models.filter((m) => m.status.value !== "invalid").map((m) => new Option(m.id, m.id)));
   if (chosen) picker.value = chosen;
+}
+
+// What each key used, per model: for admin keys (others get 403, and the table stays hidden).
+async function showUsage() {
+  const reply = await api("/usage?by=both");
+  $("usage-section").hidden = !reply.ok;
+  if (!reply.ok) return;
+  const body = $("usage").tBodies[0];
+  body.replaceChildren();
+  for (const row of (await reply.json()).data) {
+    const cut = row.name.indexOf("/");  // a key's name holds no "/", a model's id may
+    const line = body.insertRow();
+    line.dataset.key = row.name.slice(0, cut);
+    for (const value of [row.name.slice(0, cut), row.name.slice(cut + 1), row.requests, row.errors,
+                         row.prompt_tokens, row.completion_tokens, row.seconds.toFixed(1)]) {
+      line.insertCell().textContent = value;
+    }
+  }
 }
 
 // The memory budget as a bar: a segment per running model, as wide as what the budget counts it
