@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+import httpx
 
 from conftest import chat, long_completion
 from gguf_router.keys import section
@@ -147,6 +151,39 @@ def test_usage_adds_up_to_what_clients_were_told_and_survives_a_restart_and_a_ki
                           capture_output=True, text=True, check=True).stdout  # the router is down: its file
     for printed in (asked, read):
         assert any(line.split()[:2] == ["alice", "8"] for line in printed.splitlines()), printed
+
+
+def test_a_router_killed_under_load_leaves_a_whole_usage_file_short_of_at_most_its_last_second(start_router, tmp_path):
+    state = tmp_path / "state"
+    r = start(start_router, tmp_path, state=state)
+    ended: list[float] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(base_url=r.url, headers=auth("alice"), timeout=30) as http:
+            while not stop.is_set():
+                try:
+                    if http.post("/v1/chat/completions", json=chat("tiny-a", max_tokens=2)).status_code == 200:
+                        ended.append(time.monotonic())
+                except httpx.TransportError:
+                    return  # the router is gone
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for thread in clients:
+        thread.start()
+    time.sleep(6)
+    killed_at = time.monotonic()
+    os.kill(r.proc.pid, signal.SIGKILL)
+    stop.set()
+    for thread in clients:
+        thread.join()
+    r.proc.wait()
+    with sqlite3.connect(state / "usage.sqlite3") as db:  # reopened as the next router will
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    again = start(start_router, tmp_path, state=state)
+    counted = usage_of(again, "alice")["requests"]
+    before_last_second = sum(1 for t in ended if t < killed_at - 1.5)
+    assert before_last_second <= counted <= len(ended), (before_last_second, counted, len(ended))
+    assert before_last_second >= 5  # it was under load (how much depends on the machine)
 
 
 def test_a_scoped_key_learns_nothing_of_other_models_or_keys_from_metrics(start_router, tmp_path):
