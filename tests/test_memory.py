@@ -13,7 +13,8 @@ import pytest
 
 from conftest import GEMMA, SMOL, chat
 from gguf_router.ggufinfo import GGUFInfo, read_info
-from gguf_router.memory import MiB, Floors, estimate, floor_after, memory_limits
+from gguf_router.memory import MiB, estimate, floor_after, memory_limits
+from gguf_router.scheduling.floors import Floors
 
 
 def peak_rss(pid: int) -> int:

@@ -1,5 +1,7 @@
 """Presets in llama.cpp's INI format, resolved against the real llama-server's option list."""
 
+import os
+
 import pytest
 
 from gguf_router.catalog import build
@@ -113,3 +115,19 @@ def test_a_preset_adds_a_model_by_path_and_aliases_must_be_unique(tmp_path, tabl
     with pytest.raises(ConfigError, match="already an alias of \\[tiny-a\\]") as caught:
         build(settings, Discovery(models_dir, None), p, parse_child_args((), table), tmp_path)
     assert caught.value.where.endswith("presets.ini:4")
+
+
+def test_children_share_the_cores_and_are_sent_what_their_http_threads_take(tmp_path, table, models_dir, llama_server):
+    p = presets(tmp_path, table, "[tiny-b]\nt = 3\n[tiny-c]\nthreads-http = 12\nnp = 2\n")
+    cores = len(os.sched_getaffinity(0))
+    shared = build(Settings(models_dir=models_dir, llama_server=llama_server, hf_cache=None, models_max=2),
+                   Discovery(models_dir, None), p, parse_child_args((), table), tmp_path)
+    argv = shared.models["tiny-a"].argv
+    assert argv[argv.index("--threads") + 1] == str(max(1, cores // 2))  # two may compute at once
+    b = shared.models["tiny-b"].argv
+    assert b.count("--threads") == 1 and b[b.index("--threads") + 1] == "3"  # as its preset says
+    assert shared.models["tiny-a"].connections == max(4 + 4, cores - 1) - 2  # auto: 4 slots
+    assert shared.models["tiny-c"].connections == 10
+    alone = build(Settings(models_dir=models_dir, llama_server=llama_server, hf_cache=None, models_max=1),
+                  Discovery(models_dir, None), p, parse_child_args((), table), tmp_path)
+    assert "--threads" not in alone.models["tiny-a"].argv  # one at a time: llama-server's own default

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -36,6 +37,7 @@ class ModelConfig:
     ttl: float = 0.0  # seconds idle before it is stopped; 0 = never
     health_timeout: float = 30.0  # seconds without an answer on /health before it is killed
     hidden: bool = False  # a cache entry a preset uses (dedup-cache-models): not listed, still served
+    connections: int = 6  # requests forwarded to its child at once (http_connections)
 
     @property
     def id(self) -> str:
@@ -71,6 +73,32 @@ UNIT_LIMITS = {"memory-max": "MemoryMax", "memory-high": "MemoryHigh", "cpu-quot
 # unbounded growth, as far as a memory budget is concerned. Unless a preset says otherwise, a
 # child may cache one full context's worth of prompt state, at least this much.
 PROMPT_CACHE_MIN = 256 * MiB
+
+
+def thread_share(models_max: int) -> int | None:
+    """--threads for a child whose options name none: the router's cores shared out among the
+    models that may run at once. ggml's threads meet at a barrier after every operation, so two
+    children computing at once with every core each leave each thread waiting for one the kernel
+    has preempted: a tiny model took 290 ms a token instead of under 1 ms. None (llama-server's own
+    default, every core) where one model runs at a time or the models are not counted."""
+    if models_max < 2:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // models_max)
+
+
+def http_connections(options: dict[str, str]) -> int:
+    """How many requests the router forwards to a child at once: llama-server's fixed HTTP threads
+    (--threads-http, else max(slots + 4, cores - 1)) less two, kept for /health and /metrics. Each
+    thread serves one connection while it is kept alive; a connection past them waits for a spare
+    thread that cpp-httplib may not start, behind an idle kept-alive one, for up to 5 s."""
+    try:
+        threads = int(options.get("threads-http", -1))
+        slots = int(options.get("np", options.get("parallel", -1)))
+    except ValueError:
+        threads = slots = -1
+    if threads < 1:
+        threads = max((slots if slots > 0 else 4) + 4, (os.cpu_count() or 1) - 1)
+    return max(threads - 2, 1)
 
 
 def _option_names(section: Section) -> dict[str, str]:
@@ -138,6 +166,9 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
             option, _ = table.lookup("LLAMA_ARG_SPEC_DRAFT_MODEL")
             effective.options.setdefault(option.flag, (option, str(draft), section.hf["spec-draft-hf"]))
         memory, added = _memory(file, effective, gpu, cache_ram)
+        names = _option_names(effective)
+        if "threads" not in names and (share := thread_share(settings.models_max)) is not None:
+            added += ["--threads", str(share)]
         socket = socket_path(runtime_dir, model_id)
         argv = [str(settings.llama_server), *to_argv(effective),
                 # --metrics: the router's /metrics includes each loaded child's own figures.
@@ -157,7 +188,7 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
             load_on_startup=router.get("load-on-startup", False),
             preset_text=_preset_text(model_id, file, effective), memory=memory,
             pinned=router.get("pin", False), ttl=router.get("ttl", settings.models_ttl),
-            health_timeout=health_timeout)
+            health_timeout=health_timeout, connections=http_connections(names))
     _check_aliases(models, presets, warnings)
     _check_pinned(models, presets, settings.budget_bytes())
     _hide_deduplicated(models, presets, hf_paths)

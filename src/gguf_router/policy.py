@@ -63,9 +63,10 @@ class Decision:
 
 
 # A model stays loaded at least this long, or twice its load time if that is longer, before it
-# is drained for another: under full contention a swap then costs at most a third of the time,
-# and 5 s is a few short chats for every client of a tiny model.
-MIN_RESIDENT = 5.0
+# is drained for another: under full contention a swap then costs at most a third of the time.
+# Measured with `scripts/dev bench churn` (two real models, one slot): at 1 s they thrashed, at
+# 5 s the other model's clients waited up to 5 s; 2.5 s served more than either.
+MIN_RESIDENT = 2.5
 
 
 def resident_for(r: Running) -> float:

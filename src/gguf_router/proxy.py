@@ -50,14 +50,24 @@ def child_session() -> aiohttp.ClientSession:
 
 class ChildConnector(aiohttp.BaseConnector):
     def __init__(self) -> None:
-        super().__init__(limit=0, keepalive_timeout=CHILD_KEEPALIVE)
+        # (a limit per host turns on aiohttp's count of each host's connections, which
+        # _available_connections reads; the limit itself is each child's own)
+        super().__init__(limit=0, limit_per_host=1 << 30, keepalive_timeout=CHILD_KEEPALIVE)
         self._sockets: dict[str, str] = {}  # socket stem -> the socket its launch spec names
+        self._limits: dict[str, int] = {}  # socket stem -> connections its child is sent at once
 
     def url(self, model: Serving | ModelView, path: str, query: str = "") -> str:
         """The URL of `path` on the model's running child, for a session over this connector."""
         socket = model.socket
         self._sockets[socket.stem] = str(socket)
+        self._limits[socket.stem] = model.connections if isinstance(model, Serving) else model.config.connections
         return f"http://{socket.stem}.{model.generation}{path}" + (f"?{query}" if query else "")
+
+    def _available_connections(self, key) -> int:
+        # aiohttp's own limit per host, but each child's own: a request past it waits here, in
+        # order, for a connection to that child to come free (see catalog.http_connections).
+        limit = self._limits.get(key.host.split(".", 1)[0], 0)
+        return limit - len(self._acquired_per_host.get(key, ())) if limit else 1
 
     async def _create_connection(self, req, traces, timeout):
         # Same as aiohttp's UnixConnector, with the path looked up by the request's host.

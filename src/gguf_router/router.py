@@ -19,7 +19,7 @@ from .errors import RouterError
 from .ini import ConfigError
 from .launchers import create_launcher
 from .keys import DEFAULT_KEYS, Level
-from .memory import Floors
+from .scheduling.floors import Floors
 from .policy import Limits
 from .quotas import Quotas
 from .refusals import http_error

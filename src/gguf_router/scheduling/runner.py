@@ -22,7 +22,8 @@ from .. import policy
 from ..catalog import ModelConfig
 from ..events import Events
 from ..launchers import Child, LaunchError, Launcher, LaunchSpec, answers_health
-from ..memory import Floors, memory_limits
+from ..memory import memory_limits
+from .floors import Floors
 from . import effects as fx
 from . import inputs as ev
 from .records import Fleet, ModelRecord, ModelSpec, Phase, Refusal, Refused, Why
@@ -250,7 +251,8 @@ class Scheduler:
         match effect:
             case fx.Admit(ticket, model_id):
                 self._waiters[ticket].set_result(
-                    Serving(model_id, self._children[model_id].socket, self.fleet.models[model_id].generation))
+                    Serving(model_id, self._children[model_id].socket, self.fleet.models[model_id].generation,
+                            self.configs[model_id].connections))
             case fx.Refuse(ticket, refusal) if ticket is not None:
                 future = self._waiters[ticket]
                 future.set_exception(Refused(refusal, self.queue_limits.timeout))

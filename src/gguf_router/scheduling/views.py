@@ -19,6 +19,7 @@ class Serving:
     id: str
     socket: Path
     generation: int  # its child's: each child gets its own connection pool
+    connections: int  # requests forwarded to its child at once (catalog.http_connections)
 
 
 @dataclass(frozen=True)
