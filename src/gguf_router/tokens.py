@@ -40,6 +40,8 @@ class Meter:
 
     def feed(self, data: bytes) -> None:
         """Bytes of the answer, in order (a whole body, or each chunk of a stream)."""
+        if not self.counted:
+            return
         window = self._tail + data
         start = len(self._tail)
         for match in _FIELD.finditer(window):

@@ -37,10 +37,9 @@ ON CONFLICT (key, model, hour) DO UPDATE SET
     prompt_tokens = prompt_tokens + excluded.prompt_tokens,
     completion_tokens = completion_tokens + excluded.completion_tokens, seconds = seconds + excluded.seconds
 """
-COLUMNS = ("requests", "errors", "prompt_tokens", "completion_tokens", "seconds")
 
 
-@dataclass
+@dataclass(slots=True)
 class Tally:
     requests: int = 0
     errors: int = 0
@@ -49,8 +48,11 @@ class Tally:
     seconds: float = 0.0
 
     def add(self, other: "Tally") -> None:
-        for name in COLUMNS:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.requests += other.requests
+        self.errors += other.errors
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.seconds += other.seconds
 
 
 Row = tuple[str, str, int]  # key name, model id, hour (Unix time of its start)
@@ -88,11 +90,17 @@ class Usage:
     def add(self, key: str, model: str, code: int, prompt: int, completion: int, seconds: float) -> None:
         if self._closed:  # the router has stopped (requests end before that; one cut off is not written)
             return
+        # On every routed request's path: a few additions, nothing more.
         tally = self._pending[(key, model, int(self.clock()) // HOUR * HOUR)]
-        tally.add(Tally(1, int(code >= 400), prompt, completion, seconds))
+        tally.requests += 1
+        tally.errors += code >= 400
+        tally.prompt_tokens += prompt
+        tally.completion_tokens += completion
+        tally.seconds += seconds
         self.requests[(key, model, code)] += 1
-        self.tokens[(key, model, "prompt")] += prompt
-        self.tokens[(key, model, "completion")] += completion
+        if prompt or completion:
+            self.tokens[(key, model, "prompt")] += prompt
+            self.tokens[(key, model, "completion")] += completion
 
     async def flush(self) -> None:
         """Writes what was added since the last flush, in one transaction. A write that fails (a
