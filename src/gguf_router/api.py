@@ -20,7 +20,7 @@ from .metrics import render as render_metrics
 from .scheduling.records import Phase
 from .scheduling.views import ModelView
 from .parse import add_routes, asks_reload, json_body, model_field, query_model
-from .routing import scoped, serve
+from .routing import scoped, serve, visible
 from .usage import since, summed
 
 bp = Blueprint("api")
@@ -112,15 +112,6 @@ async def list_models(request: Request) -> JSONResponse:
     admin = request.ctx.level is Level.ADMIN
     models = [m for m in router.scheduler.views(listed_only=True) if visible(request, m.id)]
     return json_response({"data": [model_entry(m, admin) for m in models], "object": "list"})
-
-
-def visible(request: Request, model_id: str) -> bool:
-    """Whether the request's key may know of the model ("*": an event about every model)."""
-    key, configs = request.ctx.key, request.app.ctx.router.scheduler.configs
-    if key is None or model_id == "*":
-        return True
-    config = configs.get(model_id)
-    return key.may_use((model_id, *(config.aliases if config else ())))
 
 
 async def model_events(request: Request):

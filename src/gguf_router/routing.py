@@ -42,13 +42,20 @@ UNCOUNTED = ("/tokenize", "/detokenize", "/apply-template", "/input_tokens", "/c
 GET_BY_QUERY = ("/slots", "/lora-adapters")
 
 
+def visible(request: Request, model_id: str) -> bool:
+    """Whether the request's key may know of the model ("*": an event about every model)."""
+    key = getattr(request.ctx, "key", None)
+    if key is None or model_id == "*":
+        return True
+    config = request.app.ctx.router.scheduler.configs.get(model_id)
+    return key.may_use((model_id, *(config.aliases if config else ())))
+
+
 def scoped(request: Request, name: str) -> str:
     """The id of the model a request names, if its key may use it: for one outside the key's
     models, the same 400 as for a name that does not exist, so a key learns nothing of them."""
-    scheduler = request.app.ctx.router.scheduler
-    model_id = scheduler.resolve(name)
-    key = getattr(request.ctx, "key", None)
-    if key is not None and not key.may_use((model_id, *scheduler.configs[model_id].aliases)):
+    model_id = request.app.ctx.router.scheduler.resolve(name)
+    if not visible(request, model_id):
         request.ctx.out_of_scope = True
         raise model_not_found(name)
     return model_id
