@@ -60,7 +60,7 @@ class ChildConnector(aiohttp.BaseConnector):
         """The URL of `path` on the model's running child, for a session over this connector."""
         socket = model.socket
         self._sockets[socket.stem] = str(socket)
-        self._limits[socket.stem] = model.connections if isinstance(model, Serving) else model.config.connections
+        self._limits[socket.stem] = model.connections
         return f"http://{socket.stem}.{model.generation}{path}" + (f"?{query}" if query else "")
 
     def _available_connections(self, key) -> int:

@@ -64,6 +64,10 @@ class ModelView:
         return self.record.generation
 
     @property
+    def connections(self) -> int:
+        return self.config.connections
+
+    @property
     def idle_seconds(self) -> float:
         return 0.0 if self.record.in_flight else max(self.now - self.record.last_used, 0.0)
 
