@@ -111,6 +111,17 @@ class Keyring:
         return next((k.clear for k in self.keys if k.clear and k.role >= role), None)
 
 
+def keys_in(path: Path | None, what: str) -> tuple[str, ...]:
+    """Keys from a file, one per line, `#` comments."""
+    if path is None:
+        return ()
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(str(path), f"{what} cannot be read: {exc.strerror}") from None
+    return tuple(k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#"))
+
+
 def _number(value: Value, key: str) -> int:
     if not value.text.isdigit():
         raise ConfigError(value.where, f"{key} = {value.text!r} must be a whole number (0 = no limit)")
@@ -143,10 +154,9 @@ def _key_from(name: str, entries: dict[str, Value], path: Path) -> Key:
         if "key-file" in entries:
             value = entries["key-file"]
             try:
-                lines = Path(value.text).read_text().splitlines()
-            except OSError as exc:
-                raise ConfigError(value.where, f"key-file {value.text} cannot be read: {exc.strerror}") from None
-            held = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+                held = keys_in(Path(value.text), f"key-file {value.text}")
+            except ConfigError as exc:
+                raise ConfigError(value.where, exc.message) from None
             if len(held) != 1:
                 raise ConfigError(value.where, f"key-file {value.text} holds {len(held)} keys: it must hold one")
             clear = held[0]

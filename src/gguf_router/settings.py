@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .ini import BOOLEAN_HINT, ConfigError, Value, boolean, expect_sections, read_ini
-from .keys import DEFAULT_KEYS, Keyring, read_keys
+from .keys import DEFAULT_KEYS, Keyring, keys_in, read_keys
 from .sizes import parse_size
 
 ETC_DIR = Path("/etc/gguf-router")
@@ -247,17 +247,6 @@ class FieldError(ValueError):
     def __init__(self, name: str, message: str):
         super().__init__(message)
         self.name = name
-
-
-def keys_in(path: Path | None, what: str) -> tuple[str, ...]:
-    """Keys from a file, one per line, `#` comments."""
-    if path is None:
-        return ()
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise ConfigError(str(path), f"{what} cannot be read: {exc.strerror}") from None
-    return tuple(k.strip() for k in lines if k.strip() and not k.lstrip().startswith("#"))
 
 
 _FIELDS = {item.name: item for item in dataclasses.fields(Settings)}

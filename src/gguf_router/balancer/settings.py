@@ -7,7 +7,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..ini import ConfigError, Value, expect_sections, read_ini
-from ..settings import keys_in
+from ..keys import keys_in
 from ..sizes import parse_size
 
 DEFAULT_PATH = Path("/etc/gguf-router/balancer.conf")
