@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -28,7 +29,8 @@ from gguf_router.settings import BUILT_LLAMA_SERVER, CACHE_DIR
 from gguf_router.tinymodels import write_tiny_model
 
 ROUNDS = 3
-RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).parent.parent
+RESULTS = ROOT / "bench" / "results"
 LLAMA = Path(os.environ.get("GGUF_ROUTER_LLAMA_SERVER") or BUILT_LLAMA_SERVER)
 REAL_MODELS = Path(os.environ.get("GGUF_ROUTER_REAL_MODELS") or CACHE_DIR / "real-models")
 MEMORY_CASES = [(name, file, ctx) for name, file in (("SmolLM2-135M", "SmolLM2-135M-Instruct-Q4_1.gguf"),
@@ -44,11 +46,11 @@ def free_port() -> int:
 
 
 class Target:
-    def __init__(self, name: str, argv: list[str], port: int):
+    def __init__(self, name: str, argv: list[str], port: int, env: dict | None = None):
         self.name, self.port = name, port
         self.url = f"http://127.0.0.1:{port}"
         self.started = time.perf_counter()
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
     async def ready(self, session: aiohttp.ClientSession, path: str = "/health") -> float:
         while True:
@@ -71,6 +73,26 @@ class Target:
             self.proc.kill()
 
 
+@dataclass(frozen=True)
+class Tree:
+    """gguf-router as an earlier commit had it: its `src` first on the path (`bench versus REV`)."""
+
+    name: str
+    src: Path
+
+
+def checkout(rev: str, work: Path) -> Tree:
+    """The `src` folder of `rev`, written out under `work` (the venv's dependencies serve it)."""
+    out = work / "versus"
+    out.mkdir()
+    archive = subprocess.run(["git", "archive", rev, "src"], cwd=ROOT, check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    short = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
+                           capture_output=True, text=True).stdout.strip()
+    return Tree(f"gguf-router at {short}", out / "src")
+
+
 def direct(models: Path, *extra: str) -> Target:
     port = free_port()
     return Target("direct", [str(LLAMA), "-m", str(models / "tiny-a.gguf"), "--alias", "tiny-a",
@@ -84,11 +106,12 @@ def llamacpp_router(models: Path, *extra: str) -> Target:
                                        "--host", "127.0.0.1", "--port", str(port), *extra], port)
 
 
-def gguf_router(models: Path, *extra: str) -> Target:
+def gguf_router(models: Path, *extra: str, tree: Tree | None = None) -> Target:
     port = free_port()
-    return Target("gguf-router", [sys.executable, "-m", "gguf_router", "--models-dir", str(models),
-                                  "--models-max", "2", "--llama-server", str(LLAMA), "--log-level", "warning",
-                                  "--host", "127.0.0.1", "--port", str(port), *extra], port)
+    name, env = (tree.name, {**os.environ, "PYTHONPATH": str(tree.src)}) if tree else ("gguf-router", None)
+    return Target(name, [sys.executable, "-m", "gguf_router", "--models-dir", str(models),
+                         "--models-max", "2", "--llama-server", str(LLAMA), "--log-level", "warning",
+                         "--host", "127.0.0.1", "--port", str(port), *extra], port, env)
 
 
 async def post(session, url, body, headers: dict | None = None) -> float:
@@ -230,17 +253,20 @@ def first_request(argv: list[str]) -> float:
         proc.wait(20)
 
 
-def startup(models: Path, rows) -> None:
-    """The first request under socket activation: gguf-router against a minimal Sanic app."""
+def startup(models: Path, rows, before: Tree | None = None) -> None:
+    """The first request under socket activation: gguf-router against a minimal Sanic app, or
+    against the tree `before` (each run through `env`, so both pay for the same exec)."""
     empty = models.parent / "empty.conf"
     empty.touch()
     router = [sys.executable, "-m", "gguf_router", "--config", str(empty), "--models-dir", str(models),
               "--llama-server", str(LLAMA), "--log-level", "warning", "--state-dir", str(models.parent / "state")]
-    minimal = [sys.executable, "-c", MINIMAL_SANIC]
-    times: dict[str, list[float]] = {"minimal Sanic app": [], "gguf-router": []}
+    here = ROOT / "src"
+    argvs = ({before.name: ["env", f"PYTHONPATH={before.src}", *router], "gguf-router": ["env", f"PYTHONPATH={here}", *router]}
+             if before else {"minimal Sanic app": [sys.executable, "-c", MINIMAL_SANIC], "gguf-router": router})
+    times: dict[str, list[float]] = {name: [] for name in argvs}
     for _ in range(9):  # interleaved, so drift hits both alike
-        times["minimal Sanic app"].append(first_request(minimal))
-        times["gguf-router"].append(first_request(router))
+        for name, argv in argvs.items():
+            times[name].append(first_request(argv))
     for name, values in times.items():
         rows.append({"scenario": "first request, socket activation", "target": name, "p50_ms": pct(values, 0.5)})
 
@@ -521,7 +547,8 @@ def table(rows) -> str:
     lines = [f"{'scenario':34} {'target':34} {'req/s':>9} {'p50 ms':>9} {'p99 ms':>9} {'vs direct':>10} {'x reference':>12}"]
     for scenario, targets in by.items():
         base = targets.get("direct", {}).get("p50_ms")
-        ref = (targets.get("llama.cpp router") or targets.get("minimal Sanic app") or {}).get("p50_ms")
+        ref = next((r["p50_ms"] for name, r in targets.items()
+                    if name in ("llama.cpp router", "minimal Sanic app") or name.startswith("gguf-router at ")), None)
         for name, r in targets.items():
             p50 = r.get("p50_ms")
             lines.append(
@@ -559,24 +586,28 @@ async def main() -> None:
     # Under llama-server's 5 s keep-alive (cpp-httplib): a connection idle longer is closed under us.
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
     # `scripts/dev bench discovery`, `... memory`, `... admission`, `... startup`, `... balancer`,
-    # `... refused`, `... churn` or `... keys`: that part alone
+    # `... refused`, `... churn` or `... keys`: that part alone; `... versus REV`: this tree against
+    # the commit REV in start-up, cold start and small requests
     only = sys.argv[1] if sys.argv[1:] in (["discovery"], ["memory"], ["admission"], ["startup"], ["balancer"],
-                                           ["refused"], ["churn"], ["keys"]) else None
+                                           ["refused"], ["churn"], ["keys"]) or sys.argv[1:2] == ["versus"] else None
+    before = checkout(sys.argv[2], work) if only == "versus" else None
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         if only in (None, "memory"):
             print("memory ...", file=sys.stderr)
             memory_rows = await memory(session)
         # The routers alone for `startup` (their cold starts; the first request comes below).
         targets = {None: lambda: [direct(models), llamacpp_router(models), gguf_router(models)],
-                   "startup": lambda: [llamacpp_router(models), gguf_router(models)]}.get(only, list)()
+                   "startup": lambda: [llamacpp_router(models), gguf_router(models)],
+                   "versus": lambda: [gguf_router(models, tree=before), gguf_router(models)]}.get(only, list)()
         try:
             for t in targets:
                 await t.ready(session)
                 rss[t.name + " idle"] = t.rss_mb()
                 await post(session, t.url + "/tokenize", {"model": "tiny-a", "content": "warm"})
-            if only is None:
+            if only in (None, "versus"):
                 print("small requests ...", file=sys.stderr)
                 await small_requests(targets, session, rows)
+            if only is None:
                 print("streams ...", file=sys.stderr)
                 await streams(targets, session, rows, rss)
             if targets:
@@ -599,9 +630,9 @@ async def main() -> None:
             await keys(session, models, work, rows)
     if only in (None, "admission"):
         admission(rows)
-    if only in (None, "startup"):
+    if only in (None, "startup", "versus"):
         print("first request under socket activation ...", file=sys.stderr)
-        startup(models, rows)
+        startup(models, rows, before)
     if only in (None, "refused"):
         print("refused bodies ...", file=sys.stderr)
         refused_bodies(models, rows)

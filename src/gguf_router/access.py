@@ -19,6 +19,7 @@ another origin cannot send one without a CORS preflight, which only `--cors-orig
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -91,17 +92,23 @@ def _over_unix_socket(request: Request) -> bool:
     return info is not None and isinstance(info.sockname, str)
 
 
+@functools.lru_cache(maxsize=256)  # clients send one Host again and again; parsing it is a tenth of this check
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
 def _host_served(request: Request) -> bool:
     host = request.headers.get("host")
     if host is None:  # HTTP/1.0 clients (HAProxy's health checks): no browser sends no Host
         return True
     name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
     name = name.strip("[]").rstrip(".").lower()
-    try:
-        ipaddress.ip_address(name)
+    if _is_address(name):
         return True  # a page reached by an address is not a page that rebound a name
-    except ValueError:
-        pass
     names = request.app.ctx.router.config.served_names
     return name == "localhost" or name.endswith(".localhost") or name in names or "*" in names
 
