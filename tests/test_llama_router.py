@@ -4,8 +4,9 @@ The suite starts "llama-server" with router flags (--models-max, --no-models-aut
 --models-preset, --api-key, and child options such as -c, --parallel, --offline); here that
 binary is a two-line wrapper running gguf-router with those same arguments. The source comes from
 the sdist scripts/fetch-llama-cpp keeps in the cache; the models the suite names are tiny models
-in a Hugging Face cache layout under LLAMA_CACHE. llama_conformance.py skips the suite's download
-step and the two tests that need the network.
+in a Hugging Face cache layout under LLAMA_CACHE, and the one it downloads is served by a loopback
+hub (hub_server.py, MODEL_ENDPOINT). llama_conformance.py skips the suite's download step and the
+test that needs presets from the network.
 """
 
 import os
@@ -21,6 +22,7 @@ import pytest
 from conftest import free_port
 from gguf_router.settings import CACHE_DIR
 from gguf_router.tinymodels import write_tiny_model
+from hub_server import HubServer
 from llama_conformance import NEEDS_NETWORK
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,8 +32,8 @@ CACHED = {
     "ggml-org/tinygemma3-GGUF": "tinygemma3-Q8_0.gguf",
     "ggml-org/test-model-stories260K": "stories260K-F32.gguf",
     "ggml-org/test-model-stories260K-infill": "stories260K-infill-F32.gguf",
-    "ggml-org/test-model-router-download": "test-model-router-download-F16.gguf",
 }
+DOWNLOADED = ("ggml-org/test-model-router-download", "test-model-router-download-F16.gguf")  # from the hub
 TESTS = [
     "test_router_props",
     "test_router_chat_completion_stream[ggml-org/tinygemma3-GGUF:Q8_0-True]",
@@ -74,7 +76,16 @@ def hf_cache(root: Path) -> Path:
     return root
 
 
-def test_llama_cpp_router_suite_passes(llama_suite, llama_server, tmp_path):
+@pytest.fixture
+def hub(tmp_path):
+    repo, name = DOWNLOADED
+    server = HubServer()
+    server.add(repo, {name: write_tiny_model(tmp_path / "hub" / name, seed=9)})
+    yield server.start()
+    server.stop()
+
+
+def test_llama_cpp_router_suite_passes(llama_suite, llama_server, tmp_path, hub):
     work = tmp_path / "suite"
     shutil.copytree(llama_suite, work, ignore=shutil.ignore_patterns("tmp", "__pycache__"))
     (work / "tmp").mkdir()  # the suite writes its preset files there
@@ -87,7 +98,8 @@ def test_llama_cpp_router_suite_passes(llama_suite, llama_server, tmp_path):
     wrapper.chmod(0o755)
     report = tmp_path / "report.xml"
     env = {**os.environ, "LLAMA_SERVER_BIN_PATH": str(wrapper), "PORT": str(free_port()),
-           "LLAMA_CACHE": str(hf_cache(tmp_path / "hf")), "PYTHONPATH": str(Path(__file__).parent)}
+           "LLAMA_CACHE": str(hf_cache(tmp_path / "hf")), "PYTHONPATH": str(Path(__file__).parent),
+           "MODEL_ENDPOINT": hub.url}
     run = subprocess.run([sys.executable, "-m", "pytest", "unit/test_router.py", "-p", "llama_conformance",
                           "-p", "no:cacheprovider", "-q", "-rA", f"--junitxml={report}"],
                          cwd=work, env=env, capture_output=True, text=True, timeout=900)

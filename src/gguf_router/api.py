@@ -17,6 +17,7 @@ from .errors import RouterError, shown
 from .ini import ConfigError
 from .llama_options import build_info
 from .metrics import render as render_metrics
+from .downloads import Download
 from .scheduling.records import Phase
 from .scheduling.views import ModelView
 from .parse import add_routes, asks_reload, json_body, model_field, query_model
@@ -105,13 +106,21 @@ async def health(request: Request) -> JSONResponse:
     return json_response({"status": "ok"})
 
 
+def download_entry(download: Download) -> dict:
+    """A model being downloaded, listed as llama.cpp lists it, with its bytes done and total."""
+    return {"id": download.name, "aliases": [], "tags": [], "object": "model", "owned_by": "llamacpp",
+            "created": int(download.started), "status": {"value": "downloading", "progress": download.progress()},
+            "source": "cache", "can_remove": True}
+
+
 async def list_models(request: Request) -> JSONResponse:
     router = request.app.ctx.router
     if asks_reload(request):
         await reload_router(router)
     admin = request.ctx.level is Level.ADMIN
-    models = [m for m in router.scheduler.views(listed_only=True) if visible(request, m.id)]
-    return json_response({"data": [model_entry(m, admin) for m in models], "object": "list"})
+    models = [model_entry(m, admin) for m in router.scheduler.views(listed_only=True) if visible(request, m.id)]
+    models += [download_entry(d) for d in router.downloads.entries() if visible(request, d.name)]
+    return json_response({"data": models, "object": "list"})
 
 
 async def model_events(request: Request):
@@ -181,20 +190,29 @@ async def load_model(request: Request) -> JSONResponse:
 
 
 async def unload_model(request: Request) -> JSONResponse:
-    scheduler = request.app.ctx.router.scheduler
-    scheduler.unload(scoped(request, model_field(json_body(request))))
+    router, name = request.app.ctx.router, model_field(json_body(request))
+    if not router.downloads.cancel(name):  # as in llama.cpp, unloading a download cancels it
+        router.scheduler.unload(scoped(request, name))
     return json_response({"success": True})
 
 
 async def remove_model(request: Request) -> JSONResponse:
-    await request.app.ctx.router.remove_from_cache(scoped(request, query_model(request)))
+    router, name = request.app.ctx.router, query_model(request)
+    if not router.downloads.cancel(name):  # a download is cancelled, its partial files deleted
+        await router.remove_from_cache(scoped(request, name))
     return json_response({"success": True})
 
 
 async def download_model(request: Request) -> JSONResponse:
-    raise RouterError(501, "the router does not download models: fetch one into its Hugging Face cache as the "
-                           "router's user (llama-server -hf USER/REPO:QUANT, stopped once it serves) or copy a GGUF "
-                           "into the models dir; either is listed within seconds")
+    """POST /models: downloads a model from the hub into the Hugging Face cache; answered once the
+    hub has said which files (a wrong name or quant is told at once), then followed on
+    /models/sse (download_progress, download_finished or download_failed) and in GET /models."""
+    router = request.app.ctx.router
+    if router.settings.offline:
+        raise RouterError(409, "the router runs with --offline: it downloads nothing (restart it without "
+                               "offline = true to download)")
+    await router.downloads.start(model_field(json_body(request)))
+    return json_response({"success": True})
 
 
 async def props(request: Request):

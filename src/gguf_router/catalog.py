@@ -64,7 +64,8 @@ def read_presets(settings: Settings) -> tuple[Presets, Section]:
     table = options_of(settings.llama_server)
     main, dropins = settings.preset_files()
     presets = load_presets(main, dropins, table, required=settings.models_preset is not None)
-    return presets, parse_child_args(settings.child_args, table)
+    # --offline is the router's, and every child's too: an hf-repo model then loads from the cache alone.
+    return presets, parse_child_args(settings.child_args + (("--offline",) if settings.offline else ()), table)
 
 
 UNIT_LIMITS = {"memory-max": "MemoryMax", "memory-high": "MemoryHigh", "cpu-quota": "CPUQuota",

@@ -167,7 +167,7 @@ def balancer(command: str, argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] and argv[0] in ("ps", "load", "unload", "logs", "usage"):
+    if argv[:1] and argv[0] in ("ps", "load", "unload", "logs", "usage", "pull"):
         from .control import main as control
 
         try:

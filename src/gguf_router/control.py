@@ -1,4 +1,4 @@
-"""`gguf-router ps | load | unload | logs`: a running router, asked over its own HTTP API.
+"""`gguf-router ps | load | unload | logs | usage | pull`: a running router, asked over its own HTTP API.
 
 The address and API key come from the same settings as the router's (config file, environment,
 options), so on a packaged machine `gguf-router ps` needs no arguments.
@@ -28,6 +28,7 @@ gguf-router load MODEL                 load a model now
 gguf-router unload MODEL               unload it
 gguf-router logs MODEL [-f] [-n N]     its llama-server's log (-f: keep following)
 gguf-router usage [--since 24h] [--by key|model|both]   what each key used (the file, if the router is down)
+gguf-router pull ORG/REPO[:QUANT]      download a model from the hub into the cache (by itself, if the router is down)
   common options: --url http://HOST:PORT (default from the config), --config FILE, --api-key KEY
 """
 
@@ -136,12 +137,23 @@ def usage(client: Client, settings: Settings, since_text: str, by: str) -> None:
     print(table(totals, by))
 
 
+def pull(client: Client, settings: Settings, name: str) -> None:
+    from .pull import by_itself, through_router
+
+    if settings.offline:
+        raise SystemExit("gguf-router: offline is set in the router's settings: nothing is downloaded")
+    try:
+        through_router(client, name)
+    except RouterDown:
+        by_itself(settings, name)
+
+
 def main(command: str, argv: list[str], settings_for) -> None:
     p = argparse.ArgumentParser(prog=f"gguf-router {command}", usage=USAGE)
     p.add_argument("--url")
     p.add_argument("--config")
     p.add_argument("--api-key")
-    if command in ("load", "unload", "logs"):
+    if command in ("load", "unload", "logs", "pull"):
         p.add_argument("model")
     if command == "ps":
         p.add_argument("--all", action="store_true")
@@ -166,6 +178,8 @@ def main(command: str, argv: list[str], settings_for) -> None:
             ps(client, args.all)
         elif command == "usage":
             usage(client, settings, args.since, args.by)
+        elif command == "pull":
+            pull(client, settings, args.model)
         elif command in ("load", "unload"):
             client.call("POST", f"/models/{command}", {"model": args.model})
             print(f"{args.model}: {'loading' if command == 'load' else 'unloading'}")

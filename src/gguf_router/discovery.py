@@ -71,6 +71,8 @@ class Discovery:
         # Paths written to and not closed since (the watcher's set): new ones wait for the close,
         # which the watcher reports, so they need no next_check.
         self.writing: Collection[str] = ()
+        # Files known to be whole (a download checked them): listed without settling.
+        self.whole: set[Path] = set()
         # Headers a scan may read before it lists the rest by stat alone (None: no limit), so a
         # router with thousands of files serves at once; `unread` says a later scan must finish.
         self.header_budget: int | None = None
@@ -103,7 +105,8 @@ class Discovery:
             age = time.time() - st.st_mtime
             if path not in self._listed and str(path) in self.writing:
                 return None
-            if self.settle and path not in self._listed and st.st_mtime > self.known_before and age < self.settle:
+            if (self.settle and path not in self._listed and path not in self.whole and st.st_mtime > self.known_before
+                    and age < self.settle):
                 wait = self.settle - max(age, 0.0)
                 self.next_check = min(self.next_check or wait, wait)
                 return None

@@ -14,6 +14,7 @@ _TYPES = {
     431: "invalid_request_error",
     500: "server_error",
     501: "not_supported_error",
+    507: "insufficient_storage_error",
     502: "server_error",
     503: "unavailable_error",
 }

@@ -1,7 +1,7 @@
 """The Hugging Face hub cache that `llama-server -hf` downloads into, read and pruned with
 llama.cpp's rules (common/hf-cache.cpp, common/download.cpp): `models--USER--REPO/`, the
 snapshot `refs/main` names, `USER/REPO:QUANT` for each model file, files found by quant tag.
-The router never downloads; it lists, resolves and removes what is there.
+Here: listing, resolving and removing what is there; downloads.py writes into it.
 """
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ DEFAULT_TAGS = ("Q4_K_M", "Q8_0")  # what llama.cpp picks when a repo is named w
 def is_companion(name: str) -> bool:
     """mmproj and draft files ride along with a model; they are never models themselves."""
     return "mmproj" in name or name.startswith(DRAFT_PREFIXES)
+
+
+def valid_repo(repo_id: str) -> bool:
+    return bool(_REPO.match(repo_id)) and len(repo_id) <= 256
 
 
 def split_repo_tag(name: str) -> tuple[str, str]:
@@ -67,10 +71,6 @@ def _tag(path: Path) -> tuple[str, bool]:
     return (quant.group(1).upper() if quant else ""), (split is None or int(split.group(2)) == 1)
 
 
-def _mmproj(files: list[Path]) -> Path | None:
-    return next((p for p in files if "mmproj" in p.name), None)
-
-
 def cached_models(root: Path) -> Iterator[tuple[str, Path, Path | None]]:
     """(`user/repo:QUANT`, first file, mmproj) for every model in the cache."""
     try:
@@ -91,32 +91,51 @@ def cached_models(root: Path) -> Iterator[tuple[str, Path, Path | None]]:
             if not tag or not first or is_companion(p.name) or tag in seen:
                 continue
             seen.add(tag)
-            yield f"{repo_id}:{tag}", p, _mmproj(files)
+            yield f"{repo_id}:{tag}", p, next((f for f in files if "mmproj" in f.name), None)
 
 
 def resolve(root: Path, name: str, hf_file: str = "") -> tuple[Path, Path | None] | None:
-    """The file (and mmproj) `-hf name [--hf-file F]` would load from the cache, or None:
-    the named file; else the first model file of the tag (Q4_K_M, then Q8_0, then any when
-    the name has no tag)."""
+    """The file (and mmproj) `-hf name [--hf-file F]` would load from the cache, or None."""
     repo_id, tag = split_repo_tag(name)
-    if not _REPO.match(repo_id):
+    if not valid_repo(repo_id):
         return None
     snap = snapshot(repo_folder(root, repo_id))
     if snap is None:
         return None
-    files = _files(snap)
+    chosen = choose([p.relative_to(snap).as_posix() for p in _files(snap)], tag, hf_file)
+    if chosen is None:
+        return None
+    model, mmproj = chosen
+    return snap / model, snap / mmproj if mmproj else None
+
+
+def choose(paths: list[str], tag: str, hf_file: str = "") -> tuple[str, str | None] | None:
+    """Of a repository's GGUF paths (its snapshot's, or the hub's tree), the model file (and
+    mmproj) llama.cpp picks: the named file; else the first model file of the tag (Q4_K_M, then
+    Q8_0, then any when the name has no tag); None when there is none."""
+    paths = [p for p in paths if p.endswith(".gguf")]
+    mmproj = next((p for p in paths if "mmproj" in p.rsplit("/", 1)[-1]), None)
     if hf_file:
-        found = snap / hf_file
-        return (found, _mmproj(files)) if found in files else None
-    models = [p for p in files if not is_companion(p.name) and _tag(p)[1]]
+        return (hf_file, mmproj) if hf_file in paths else None
+    models = [p for p in paths if not is_companion(p.rsplit("/", 1)[-1]) and _tag(Path(p))[1]]
     for wanted in [tag] if tag else DEFAULT_TAGS:
         pattern = re.compile(re.escape(wanted) + "[.-]", re.IGNORECASE)
         for p in models:
-            if pattern.search(str(p.relative_to(snap))):
-                return p, _mmproj(files)
+            if pattern.search(p):
+                return p, mmproj
     if not tag and models:
-        return models[0], _mmproj(files)
+        return models[0], mmproj
     return None
+
+
+def parts(paths: list[str], model: str) -> list[str]:
+    """A split model's every part (`x-00001-of-00003.gguf` ...), in order; else the file alone."""
+    split = SPLIT.match(model[: -len(".gguf")])
+    if split is None:
+        return [model]
+    prefix, count = split.group(1), split.group(3)
+    return sorted(p for p in paths if (m := SPLIT.match(p[: -len(".gguf")])) and m.group(1) == prefix
+                  and m.group(3) == count)
 
 
 def remove(root: Path, model_id: str) -> bool:

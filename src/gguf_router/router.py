@@ -14,6 +14,7 @@ from . import hfcache, tls
 from .catalog import build
 from .config import load_config
 from .discovery import Discovery
+from .downloads import FILE as DOWNLOADS_FILE, Downloads, Ledger
 from .events import Events
 from .errors import RouterError
 from .ini import ConfigError
@@ -53,6 +54,15 @@ def open_usage(path: Path) -> Usage:
         return Usage(Path(":memory:"))
 
 
+def open_ledger(path: Path) -> Ledger | None:
+    """The record of downloads under way; without it they are not resumed after a restart."""
+    try:
+        return Ledger(path)
+    except (OSError, sqlite3.Error) as exc:
+        log.error("downloads are not resumed after a restart: %s cannot be opened: %s", path, exc)
+        return None
+
+
 def scheduling_limits(settings: Settings) -> Limits:
     return Limits(settings.models_max, settings.budget_bytes())
 
@@ -74,6 +84,10 @@ class Router:
                                    scheduling_limits(settings), self.events,
                                    Floors(settings.state_dir / "memory-floors.json"), queue_limits(settings))
         self._session: aiohttp.ClientSession | None = None
+        self._hub_session: aiohttp.ClientSession | None = None
+        self.downloads = Downloads(settings.hf_cache, open_ledger(settings.state_dir / DOWNLOADS_FILE), self.events,
+                                   self.hub_session, lambda name: self.scheduler.canonical(name) is not None,
+                                   self._downloaded)
         self.quotas = Quotas()
         self.usage = open_usage(settings.state_dir / USAGE_FILE)
         self.notifier = Notifier()
@@ -215,6 +229,14 @@ class Router:
                  "files removed" if removed else "no files left to remove", self.settings.hf_cache)
         await self.reload(False)
 
+    async def _downloaded(self, files: list[Path]) -> None:
+        """A download ended: the rescan that lists what it fetched (at once: its files are whole)."""
+        self.discovery.whole.update(files)
+        try:
+            await self.reload(False)
+        except ConfigError as exc:
+            log.error("models not rescanned after a download: %s", exc)
+
     def spawn(self, factory: Callable) -> None:
         task = asyncio.get_running_loop().create_task(factory())
         self._tasks.add(task)
@@ -262,6 +284,8 @@ class Router:
             log.info("listed models by name; reading the rest of their GGUF headers in the background")
             self.poke(False)
         await self.scheduler.adopt()
+        if not self.settings.offline:
+            self.spawn(self.downloads.resume)
         self.spawn(self.scheduler.tick)
         self.spawn(self._write_usage)
         models = list(self.scheduler.configs.values())
@@ -281,6 +305,14 @@ class Router:
             await asyncio.sleep(USAGE_EVERY)
             await self.usage.flush()
 
+    def hub_session(self) -> aiohttp.ClientSession:
+        """The HTTP session to the Hugging Face hub (or MODEL_ENDPOINT), made on first use."""
+        if self._hub_session is None:
+            import aiohttp
+            self._hub_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30,
+                                                                                     sock_read=60))
+        return self._hub_session
+
     @property
     def session(self) -> aiohttp.ClientSession:
         """The one HTTP session to the children, made (and aiohttp imported) on first use."""
@@ -299,7 +331,9 @@ class Router:
         for task in self._tasks:
             task.cancel()
         await self.usage.flush()  # before the children stop, which may take their stop timeout
+        await self.downloads.close()  # where they are: the next router resumes them
         await self.scheduler.close()
         await self.usage.close()
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._hub_session):
+            if session is not None:
+                await session.close()

@@ -174,6 +174,8 @@ class Settings:
         30.0, "seconds a loaded model may fail to answer /health before it is killed and restarted, or a loading "
               "one may use no CPU before its load is failed (default 30)",
         metavar="S", low=0, above=True)
+    offline: bool = setting(False, "download nothing: POST /models and gguf-router pull are refused and models load "
+                                   "from the cache alone (passed on to every model)")
     hf_cache: Path | None = setting(help="the Hugging Face cache (default as llama.cpp looks for it)",
                                     factory=default_hf_cache, flags=None)
     runtime_dir: Path | None = setting(factory=systemd_runtime_dir, flags=None)

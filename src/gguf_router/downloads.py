@@ -1,0 +1,368 @@
+"""Downloads into the Hugging Face cache, in the layout llama.cpp writes (blobs/OID, a relative link
+snapshots/COMMIT/PATH to it, refs/main), so either reads what the other fetched.
+
+Beyond llama.cpp's downloader: every file is checked against the hash the hub lists before it is
+moved into place (a mismatch is deleted, never listed); a download that lacks the disk space is
+refused before it starts; a dropped connection resumes with a Range request, and so does a
+download the router was stopped in (each is kept in downloads.db until it ends); at most
+AT_ONCE run at a time, and none holds a model slot. The partial file is llama.cpp's own
+(`blobs/OID.downloadInProgress`), so a resume works across the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import aiohttp
+
+from . import hfcache, hub
+from .errors import RouterError
+from .events import Events
+from .sizes import size_text
+
+log = logging.getLogger(__name__)
+
+AT_ONCE = 2  # downloads running together; the rest wait their turn, listed as downloading
+ATTEMPTS = 5  # per file, each resuming where the last one stopped
+RETRY_AFTER = (1, 2, 4, 8)  # seconds before the 2nd, 3rd ... attempt
+PROGRESS_EVERY = 0.1  # seconds between download_progress events of one download
+CHUNK = 1 << 20
+AHEAD = 4  # chunks read from the network while earlier ones are written
+PARTIAL = ".downloadInProgress"
+FILE = "downloads.db"  # in the state dir
+
+
+class Failed(Exception):
+    """A download that cannot finish, said in words for the log, the event and `pull`."""
+
+
+class Dropped(Exception):
+    """An attempt that ended early (a closed connection, a 5xx): the next one resumes it."""
+
+
+@dataclass
+class Download:
+    name: str  # as asked for: what /models lists and the events name while it runs
+    plan: hub.Plan
+    started: float = field(default_factory=time.time)
+    done: dict[str, int] = field(default_factory=dict)  # bytes by file path
+    fetched: list[Path] = field(default_factory=list)  # blobs this download completed: gone if it fails
+    task: asyncio.Task | None = None
+
+    @property
+    def bytes_done(self) -> int:
+        return sum(self.done.values())
+
+    def progress(self) -> dict:
+        total = self.plan.total
+        return {"value": self.bytes_done / total if total else 0.0, "done": self.bytes_done, "total": total}
+
+    def event(self) -> dict:
+        """llama.cpp's download_progress data (bytes per file URL), with the totals beside it."""
+        per_url = {self.plan.url(f): {"done": self.done.get(f.path, 0), "total": f.size} for f in self.plan.files}
+        return {"progress": per_url, "done": self.bytes_done, "total": self.plan.total}
+
+
+class _Hasher:
+    """The hash the hub lists for a file: SHA-256 of an LFS file, git's SHA-1 of any other."""
+
+    def __init__(self, file: hub.RemoteFile):
+        self.file = file
+        self.reset()
+
+    def reset(self) -> None:
+        if self.file.sha256:
+            self._hash = hashlib.sha256()
+        else:
+            self._hash = hashlib.sha1()
+            self._hash.update(b"blob %d\0" % self.file.size)
+
+    def update(self, data: bytes) -> None:
+        self._hash.update(data)
+
+    def matches(self) -> str | None:
+        """None if the bytes hash to the listed oid, else what they hash to."""
+        got = self._hash.hexdigest()
+        return None if got == self.file.oid else got
+
+
+def _free_space(path: Path) -> int:
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _partial_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _link(target: Path, link: Path) -> None:
+    """`link` -> `target`, relative as llama.cpp makes it, replacing what was there in one step."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    fresh = link.with_name(link.name + ".link")
+    fresh.unlink(missing_ok=True)
+    fresh.symlink_to(os.path.relpath(target, link.parent))
+    os.replace(fresh, link)
+
+
+def _write_ref(repo: Path, commit: str) -> None:
+    ref = repo / "refs" / "main"
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    fresh = ref.with_name("main.tmp")
+    fresh.write_text(commit)
+    os.replace(fresh, ref)
+
+
+class Ledger:
+    """The downloads not yet ended, in the state dir, so a restarted router resumes them."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("CREATE TABLE IF NOT EXISTS downloads (name TEXT PRIMARY KEY, started REAL NOT NULL)")
+
+    def names(self) -> list[str]:
+        return [name for name, in self._db.execute("SELECT name FROM downloads ORDER BY started")]
+
+    def add(self, name: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO downloads VALUES (?, ?)", (name, time.time()))
+
+    def remove(self, name: str) -> None:
+        self._db.execute("DELETE FROM downloads WHERE name = ?", (name,))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class Downloads:
+    def __init__(self, cache: Path | None, ledger: Ledger | None, events: Events,
+                 session: Callable[[], aiohttp.ClientSession], listed: Callable[[str], bool],
+                 finished: Callable[[list[Path]], Awaitable[None]]):
+        """`listed(name)`: whether the router lists a model of that name already; `finished(files)`:
+        what makes a finished download's files listed (a rescan of the cache)."""
+        self.cache, self.ledger, self.events = cache, ledger, events
+        self._session, self._listed, self._finished = session, listed, finished
+        self.active: dict[str, Download] = {}
+        self._turns = asyncio.Semaphore(AT_ONCE)
+
+    async def start(self, name: str) -> Download:
+        """Plans the download and starts it; a RouterError says why not, before anything is written."""
+        repo_id, _ = hub.checked_name(name)
+        if self.cache is None:
+            raise RouterError(409, "no Hugging Face cache to download into: set hf-cache in the [router] section")
+        if name in self.active:
+            raise RouterError(400, f"model '{name}' is already downloading")
+        if self._listed(name):
+            raise RouterError(400, f"model '{name}' already exists")
+        repo = hfcache.repo_folder(self.cache, repo_id)
+        # Into the snapshot already cached, if any: a newer commit would hide the quants cached before.
+        snap = hfcache.snapshot(repo)
+        plan = await hub.plan(self._session(), name, snap.name if snap else None)
+        if plan.is_preset:
+            raise RouterError(400, f"{name} is a repository of presets (its preset.ini), not a model: start the "
+                                   f"router with --hf-repo {plan.repo} to use them")
+        if name in self.active:  # asked for twice while the hub was asked
+            raise RouterError(400, f"model '{name}' is already downloading")
+        need = sum(f.size - _partial_size(self._partial(plan, f)) for f in plan.files
+                   if not self._blob(plan, f).exists())
+        free = _free_space(self.cache)
+        if need > free:
+            raise RouterError(507, f"{name} needs {size_text(need)} more on the disk of {self.cache}, which has "
+                                   f"{size_text(free)} free: nothing was downloaded")
+        download = self.active[name] = Download(name, plan)
+        if self.ledger:
+            await asyncio.to_thread(self.ledger.add, name)
+        download.task = asyncio.get_running_loop().create_task(self._run(download))
+        self.events.publish("model_status", name, {"status": "downloading"})
+        log.info("model %s: downloading %s (%s in %d files) from %s", name, plan.repo, size_text(plan.total),
+                 len(plan.files), hub.endpoint())
+        return download
+
+    async def resume(self) -> None:
+        """At start: the downloads an earlier router was stopped in, from where their files stopped."""
+        for name in await asyncio.to_thread(self.ledger.names) if self.ledger else []:
+            try:
+                await self.start(name)
+            except RouterError as exc:
+                log.error("model %s: download not resumed: %s", name, exc.message)
+                await asyncio.to_thread(self.ledger.remove, name)
+
+    def cancel(self, name: str) -> bool:
+        """Stops a download and deletes its partial files; False if `name` is not downloading."""
+        download = self.active.get(name)
+        if download is None or download.task is None:
+            return False
+        download.task.cancel()
+        return True
+
+    def entries(self) -> list[Download]:
+        return list(self.active.values())
+
+    async def close(self) -> None:
+        """At stop: the downloads end where they are, to be resumed by the next router."""
+        tasks = [d.task for d in self.active.values() if d.task]
+        self.active.clear()  # what _run sees as "stopped with the router", not "cancelled"
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.ledger:
+            self.ledger.close()
+
+    # -- one download ---------------------------------------------------------------------
+
+    def _blob(self, plan: hub.Plan, file: hub.RemoteFile) -> Path:
+        return hfcache.repo_folder(self.cache, plan.repo) / "blobs" / file.oid
+
+    def _partial(self, plan: hub.Plan, file: hub.RemoteFile) -> Path:
+        blob = self._blob(plan, file)
+        return blob.with_name(blob.name + PARTIAL)
+
+    async def _run(self, download: Download) -> None:
+        name, plan = download.name, download.plan
+        error = None
+        try:
+            async with self._turns:
+                with ThreadPoolExecutor(1, thread_name_prefix="download") as disk:
+                    for file in plan.files:
+                        await self._fetch(download, file, disk)
+                    await asyncio.get_running_loop().run_in_executor(disk, self._place, plan)
+        except asyncio.CancelledError:
+            if self.active.get(name) is not download:
+                return  # the router stops: the partial files stay, and the ledger resumes them
+            error = "cancelled"
+        except Failed as exc:
+            error = str(exc)
+        except OSError as exc:
+            error = f"cannot write to the cache: {exc}"
+        finally:
+            if self.active.get(name) is download:
+                del self.active[name]
+                if self.ledger:
+                    await asyncio.to_thread(self.ledger.remove, name)
+        if error is not None:  # nothing of it stays: neither its partial files nor the files no link names
+            for path in [self._partial(plan, f) for f in plan.files] + download.fetched:
+                path.unlink(missing_ok=True)
+        if error is None:
+            snap = hfcache.repo_folder(self.cache, plan.repo) / "snapshots" / plan.commit
+            await self._finished([snap / f.path for f in plan.files])
+            log.info("model %s: downloaded (%s)", name, size_text(plan.total))
+            listed_as = next((m for m, path, _ in hfcache.cached_models(self.cache)
+                              if path.name == Path(plan.files[0].path).name and m.startswith(plan.repo + ":")), name)
+            self.events.publish("download_finished", name, {"id": listed_as})
+        else:
+            log.error("model %s: download failed: %s", name, error)
+            self.events.publish("download_failed", name, {"error": error})
+
+    async def _fetch(self, download: Download, file: hub.RemoteFile, disk: ThreadPoolExecutor) -> None:
+        plan, loop = download.plan, asyncio.get_running_loop()
+        blob, partial = self._blob(plan, file), self._partial(plan, file)
+        if blob.exists():  # another quant (or llama.cpp) fetched it already
+            download.done[file.path] = file.size
+            return
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        hasher = _Hasher(file)
+        have = await loop.run_in_executor(disk, _hash_existing, partial, hasher)
+        download.done[file.path] = have
+        url = plan.url(file)
+        for attempt in range(ATTEMPTS):
+            if have >= file.size:
+                break
+            try:
+                have = await self._attempt(download, file, url, partial, hasher, have, disk)
+            except (aiohttp.ClientError, TimeoutError, Dropped) as exc:
+                if attempt == ATTEMPTS - 1:
+                    raise Failed(f"{file.path}: {exc or type(exc).__name__} ({ATTEMPTS} attempts)") from None
+                wait = RETRY_AFTER[min(attempt, len(RETRY_AFTER) - 1)]
+                have = download.done[file.path] = _partial_size(partial)
+                log.warning("model %s: %s: %s; resuming in %d s from %s", download.name, file.path,
+                            exc or type(exc).__name__, wait, size_text(have))
+                await asyncio.sleep(wait)
+        if have != file.size:  # (a partial file longer than the file: not ours to trust)
+            raise Failed(f"{file.path}: {size_text(have)} received where the hub lists {size_text(file.size)}")
+        if (got := hasher.matches()) is not None:
+            raise Failed(f"{file.path}: its bytes hash to {got}, not to the {file.oid} the hub lists; "
+                         "the file was deleted")
+        await loop.run_in_executor(disk, os.replace, partial, blob)
+        download.fetched.append(blob)
+
+    async def _attempt(self, download: Download, file: hub.RemoteFile, url: str, partial: Path,
+                       hasher: _Hasher, have: int, disk: ThreadPoolExecutor) -> int:
+        """One GET, from byte `have` on; returns the bytes the partial file holds after it."""
+        loop = asyncio.get_running_loop()
+        headers = hub.headers() | ({"Range": f"bytes={have}-"} if have else {})
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
+        async with self._session().get(url, headers=headers, timeout=timeout) as reply:
+            if reply.status == 200 and have:  # the server ignored the range: from the start again
+                have = 0
+                await loop.run_in_executor(disk, _truncate, partial, hasher)
+            elif reply.status >= 500:
+                raise Dropped(f"the hub answered HTTP {reply.status}")
+            elif reply.status not in (200, 206):
+                raise Failed(f"{file.path}: the hub answered HTTP {reply.status}")
+            out = await loop.run_in_executor(disk, open, partial, "ab")
+            try:
+                pending: list[asyncio.Future] = []
+                last = 0.0
+                async for chunk in reply.content.iter_any():  # as it comes: a drop loses nothing received
+                    if have + len(chunk) > file.size:
+                        raise Failed(f"more bytes than the {size_text(file.size)} the hub lists")
+                    pending.append(loop.run_in_executor(disk, _append, out, hasher, chunk))
+                    have += len(chunk)
+                    if len(pending) >= AHEAD:
+                        await pending.pop(0)
+                    download.done[file.path] = have
+                    if (now := time.monotonic()) - last >= PROGRESS_EVERY:
+                        last = now
+                        self.events.publish("download_progress", download.name, download.event())
+                for future in pending:
+                    await future
+            finally:
+                await loop.run_in_executor(disk, out.close)
+        self.events.publish("download_progress", download.name, download.event())
+        if have < file.size:
+            raise Dropped(f"the connection closed after {size_text(have)} of {size_text(file.size)}")
+        return have
+
+    def _place(self, plan: hub.Plan) -> None:
+        """In the disk thread, every file checked: the snapshot's links (the model file last, so
+        a scan never sees it before its parts and mmproj), then refs/main."""
+        repo = hfcache.repo_folder(self.cache, plan.repo)
+        for file in reversed(plan.files):
+            _link(self._blob(plan, file), repo / "snapshots" / plan.commit / file.path)
+        _write_ref(repo, plan.commit)
+
+
+def _hash_existing(partial: Path, hasher: _Hasher) -> int:
+    """The bytes a partial file already holds, fed to `hasher`: where a resume starts."""
+    try:
+        with open(partial, "rb") as f:
+            while chunk := f.read(CHUNK):
+                hasher.update(chunk)
+            return f.tell()
+    except FileNotFoundError:
+        return 0
+
+
+def _append(out, hasher: _Hasher, chunk: bytes) -> None:
+    out.write(chunk)
+    hasher.update(chunk)
+
+
+def _truncate(partial: Path, hasher: _Hasher) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.truncate(partial, 0)
+    hasher.reset()
