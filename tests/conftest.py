@@ -24,6 +24,11 @@ from waiting import wait_for
 TINY_CONTEXT = 16384
 
 
+# Never the real hub: a download any router of the tests is asked for goes to a closed loopback
+# port, unless the test gives its own hub (hub_server.py) in the router's environment.
+os.environ.setdefault("MODEL_ENDPOINT", "http://127.0.0.1:9/")
+
+
 @pytest.fixture(scope="session")
 def llama_server() -> Path:
     path = Path(os.environ.get("GGUF_ROUTER_LLAMA_SERVER") or BUILT_LLAMA_SERVER)

@@ -4,9 +4,7 @@ nothing to do; what they download comes from the loopback hub (MODEL_ENDPOINT)."
 
 import pytest
 
-NEEDS_NETWORK = {
-    "test_router_remote_preset": "needs the network: its presets come from a Hugging Face repository",
-}
+NEEDS_NETWORK: dict[str, str] = {}  # none: the loopback hub answers what the suite fetches
 # llama.cpp's router downloads on POST /models even when started with --offline, as the suite
 # starts it (its download child gets none of the router's flags); gguf-router's --offline means
 # no download at all, so these start without it.

@@ -168,7 +168,7 @@ def test_a_cancelled_download_leaves_nothing_behind(start, hub, cache):
     router = start()
     events = Events(router)
     assert router.http.post("/models", json={"model": NAME}).status_code == 200
-    router.wait_for(lambda: (d := downloading(router)) and d["status"]["progress"]["done"] > 0, what="progress")
+    router.wait_for(lambda: (d := downloading(router)) and d["status"]["downloaded_bytes"] > 0, what="progress")
     assert leftovers(cache)
     reply = router.http.delete("/models", params={"model": NAME})
     assert reply.status_code == 200 and reply.json() == {"success": True}
@@ -183,7 +183,7 @@ def test_a_router_restarted_mid_download_resumes_it(start, hub, cache):
     hub.rate = 64 << 10
     router = start()
     assert router.http.post("/models", json={"model": NAME}).status_code == 200
-    router.wait_for(lambda: (d := downloading(router)) and d["status"]["progress"]["done"] > size // 8,
+    router.wait_for(lambda: (d := downloading(router)) and d["status"]["downloaded_bytes"] > size // 8,
                     what="an eighth of the file")
     router.stop()
     partial = (cache / "models--org--tiny-GGUF" / "blobs").glob("*.downloadInProgress")

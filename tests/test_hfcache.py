@@ -116,7 +116,7 @@ def test_a_preset_names_cache_files_and_dedup_hides_their_entries(tmp_path, llam
 
 def test_a_preset_repo_that_is_not_cached_is_a_config_error_that_says_what_to_do(tmp_path, llama_server):
     with pytest.raises(ConfigError, match=r"presets.ini:2: hf-repo = u/absent is not in the Hugging Face cache .*"
-                                          r"the router does not download.*llama-server -hf u/absent"):
+                                          r"fetch it into that cache first: gguf-router pull u/absent"):
         catalog(tmp_path, llama_server, "[x]\nhf-repo = u/absent\n")
     with pytest.raises(ConfigError, match=r"belongs in a model's own section"):
         catalog(tmp_path / "2", llama_server, "[*]\nhf-repo = u/main\n")

@@ -76,11 +76,23 @@ def hf_cache(root: Path) -> Path:
     return root
 
 
+# What ggml-org/test-preset-ci holds for test_router_remote_preset: presets of two cached models.
+REMOTE_PRESETS = """\
+[tinygemma3-preset]
+hf-repo = ggml-org/tinygemma3-GGUF:Q8_0
+
+[stories260K-test]
+hf-repo = ggml-org/test-model-stories260K
+"""
+
+
 @pytest.fixture
 def hub(tmp_path):
     repo, name = DOWNLOADED
     server = HubServer()
     server.add(repo, {name: write_tiny_model(tmp_path / "hub" / name, seed=9)})
+    (tmp_path / "hub" / "preset.ini").write_text(REMOTE_PRESETS)
+    server.add("ggml-org/test-preset-ci", {"preset.ini": tmp_path / "hub" / "preset.ini"})
     yield server.start()
     server.stop()
 

@@ -109,7 +109,7 @@ async def health(request: Request) -> JSONResponse:
 def download_entry(download: Download) -> dict:
     """A model being downloaded, listed as llama.cpp lists it, with its bytes done and total."""
     return {"id": download.name, "aliases": [], "tags": [], "object": "model", "owned_by": "llamacpp",
-            "created": int(download.started), "status": {"value": "downloading", "progress": download.progress()},
+            "created": int(download.started), "status": download.status(),
             "source": "cache", "can_remove": True}
 
 

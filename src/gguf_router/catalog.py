@@ -63,7 +63,10 @@ def read_presets(settings: Settings) -> tuple[Presets, Section]:
     """The presets files and the command line's child options, checked against the binary."""
     table = options_of(settings.llama_server)
     main, dropins = settings.preset_files()
-    presets = load_presets(main, dropins, table, required=settings.models_preset is not None)
+    if settings.hf_repo and not main.is_file():
+        raise ConfigError(f"--hf-repo {settings.hf_repo}", "its preset.ini is not in the Hugging Face cache "
+                          f"{settings.hf_cache}: start the router once without --offline to fetch it")
+    presets = load_presets(main, dropins, table, required=settings.models_preset is not None or bool(settings.hf_repo))
     # --offline is the router's, and every child's too: an hf-repo model then loads from the cache alone.
     return presets, parse_child_args(settings.child_args + (("--offline",) if settings.offline else ()), table)
 
@@ -204,8 +207,7 @@ def _from_cache(section: Section, key: str, root: Path | None) -> tuple[Path, Pa
     if found is None:
         what = f"{value.text} (hf-file {hf_file})" if hf_file else value.text
         raise ConfigError(value.where, f"{key} = {what} is not in the Hugging Face cache {root or '(hf-cache is off)'}; "
-                          f"the router does not download: fetch it into that cache first, as the router's user, "
-                          f"e.g. LLAMA_CACHE={root} llama-server -hf {value.text} (stop it once it serves)")
+                          f"fetch it into that cache first: gguf-router pull {value.text}")
     return found
 
 

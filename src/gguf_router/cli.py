@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 
 from . import __version__
-from .errors import shown
+from .errors import RouterError, shown
 from .ini import ConfigError
 from .llama_options import LlamaServerError, ask_early
 from .settings import Settings, flags, load_settings, setting_type
@@ -165,6 +165,26 @@ def balancer(command: str, argv: list[str]) -> None:
     sync(settings)
 
 
+def remote_presets(settings: Settings) -> None:
+    """--hf-repo: its preset.ini fetched (as llama.cpp does, unless offline), else the cached one used."""
+    log = logging.getLogger("gguf_router")
+    log.warning("presets from the Hugging Face repository %s: use only presets you trust (they choose the "
+                "options every model runs with)", settings.hf_repo)
+    if settings.offline:
+        return
+    from .downloads import Failed, fetch_presets
+
+    try:
+        path = fetch_presets(settings.hf_cache, settings.hf_repo)
+        log.info("presets of %s: %s", settings.hf_repo, path)
+    except (RouterError, Failed, OSError) as exc:
+        cached = settings.preset_files()[0]
+        if not cached.is_file():
+            fail(f"--hf-repo {settings.hf_repo}: {getattr(exc, 'message', exc)}")
+        log.warning("presets of %s not fetched (%s): the cached ones are used", settings.hf_repo,
+                    getattr(exc, "message", exc))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] and argv[0] in ("ps", "load", "unload", "logs", "usage", "pull"):
@@ -206,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     if settings.models_dir is not None and not settings.models_dir.is_dir():
         fail(f"--models-dir {settings.models_dir} is not a folder")
     ask_early(settings.llama_server)
+    if settings.hf_repo:
+        remote_presets(settings)
 
     from sanic import Sanic
 

@@ -64,9 +64,11 @@ class Download:
     def bytes_done(self) -> int:
         return sum(self.done.values())
 
-    def progress(self) -> dict:
+    def status(self) -> dict:
+        """As /models shows it: `progress` a share, as a loading model's is, and the bytes."""
         total = self.plan.total
-        return {"value": self.bytes_done / total if total else 0.0, "done": self.bytes_done, "total": total}
+        return {"value": "downloading", "progress": round(self.bytes_done / total, 4) if total else 0.0,
+                "downloaded_bytes": self.bytes_done, "total_bytes": total}
 
     def event(self) -> dict:
         """llama.cpp's download_progress data (bytes per file URL), with the totals beside it."""
@@ -128,24 +130,30 @@ def _write_ref(repo: Path, commit: str) -> None:
 
 
 class Ledger:
-    """The downloads not yet ended, in the state dir, so a restarted router resumes them."""
+    """The downloads not yet ended, in the state dir, so a restarted router resumes them. Used by
+    one thread of its own, in order (a close waits for what was asked before it)."""
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("CREATE TABLE IF NOT EXISTS downloads (name TEXT PRIMARY KEY, started REAL NOT NULL)")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="downloads-db")
 
-    def names(self) -> list[str]:
-        return [name for name, in self._db.execute("SELECT name FROM downloads ORDER BY started")]
+    async def _do(self, job: Callable):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, job)
 
-    def add(self, name: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO downloads VALUES (?, ?)", (name, time.time()))
+    async def names(self) -> list[str]:
+        return await self._do(lambda: [n for n, in self._db.execute("SELECT name FROM downloads ORDER BY started")])
 
-    def remove(self, name: str) -> None:
-        self._db.execute("DELETE FROM downloads WHERE name = ?", (name,))
+    async def add(self, name: str) -> None:
+        await self._do(lambda: self._db.execute("INSERT OR REPLACE INTO downloads VALUES (?, ?)", (name, time.time())))
 
-    def close(self) -> None:
-        self._db.close()
+    async def remove(self, name: str) -> None:
+        await self._do(lambda: self._db.execute("DELETE FROM downloads WHERE name = ?", (name,)))
+
+    async def close(self) -> None:
+        await self._do(self._db.close)
+        self._thread.shutdown()
 
 
 class Downloads:
@@ -185,21 +193,36 @@ class Downloads:
                                    f"{size_text(free)} free: nothing was downloaded")
         download = self.active[name] = Download(name, plan)
         if self.ledger:
-            await asyncio.to_thread(self.ledger.add, name)
+            await self.ledger.add(name)
         download.task = asyncio.get_running_loop().create_task(self._run(download))
         self.events.publish("model_status", name, {"status": "downloading"})
         log.info("model %s: downloading %s (%s in %d files) from %s", name, plan.repo, size_text(plan.total),
                  len(plan.files), hub.endpoint())
         return download
 
+    async def presets(self, repo_id: str) -> Path:
+        """A presets repository's preset.ini, fetched into the cache (at start, for --hf-repo)."""
+        plan = await hub.plan(self._session(), repo_id)
+        if not plan.is_preset:
+            raise RouterError(400, f"{repo_id} holds no preset.ini at its root: --hf-repo names a repository of "
+                                   "presets; add a model with POST /models or gguf-router pull")
+        download = Download(repo_id, plan)
+        with ThreadPoolExecutor(1, thread_name_prefix="download") as disk:
+            try:
+                await self._fetch(download, plan.files[0], disk)
+            finally:
+                self._partial(plan, plan.files[0]).unlink(missing_ok=True)
+            await asyncio.get_running_loop().run_in_executor(disk, self._place, plan)
+        return hfcache.repo_folder(self.cache, plan.repo) / "snapshots" / plan.commit / hub.PRESET
+
     async def resume(self) -> None:
         """At start: the downloads an earlier router was stopped in, from where their files stopped."""
-        for name in await asyncio.to_thread(self.ledger.names) if self.ledger else []:
+        for name in await self.ledger.names() if self.ledger else []:
             try:
                 await self.start(name)
             except RouterError as exc:
                 log.error("model %s: download not resumed: %s", name, exc.message)
-                await asyncio.to_thread(self.ledger.remove, name)
+                await self.ledger.remove(name)
 
     def cancel(self, name: str) -> bool:
         """Stops a download and deletes its partial files; False if `name` is not downloading."""
@@ -220,7 +243,7 @@ class Downloads:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.ledger:
-            self.ledger.close()
+            await self.ledger.close()
 
     # -- one download ---------------------------------------------------------------------
 
@@ -252,7 +275,7 @@ class Downloads:
             if self.active.get(name) is download:
                 del self.active[name]
                 if self.ledger:
-                    await asyncio.to_thread(self.ledger.remove, name)
+                    await self.ledger.remove(name)
         if error is not None:  # nothing of it stays: neither its partial files nor the files no link names
             for path in [self._partial(plan, f) for f in plan.files] + download.fetched:
                 path.unlink(missing_ok=True)
@@ -366,3 +389,16 @@ def _truncate(partial: Path, hasher: _Hasher) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.truncate(partial, 0)
     hasher.reset()
+
+
+def fetch_presets(cache: Path, repo_id: str) -> Path:
+    """--hf-repo at start: its preset.ini, from the hub, into the cache; RouterError or Failed say why not."""
+    async def run() -> Path:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            downloads = Downloads(cache, None, Events(), lambda: session, lambda name: False, _nothing)
+            return await downloads.presets(repo_id)
+    return asyncio.run(run())
+
+
+async def _nothing(files: list[Path]) -> None:
+    pass

@@ -57,6 +57,13 @@ def snapshot(repo: Path) -> Path | None:
     return None
 
 
+def preset_file(root: Path | None, repo_id: str) -> Path:
+    """Where a presets repository's preset.ini is in the cache (it may not be there)."""
+    repo = repo_folder(root or Path("/nonexistent"), repo_id)
+    snap = snapshot(repo)
+    return (snap or repo / "snapshots" / "none") / "preset.ini"
+
+
 def _files(snap: Path) -> list[Path]:
     return sorted(p for p in snap.rglob("*.gguf") if p.is_file())
 

@@ -93,6 +93,10 @@ class Settings:
     models_preset: Path | None = setting(
         None, "model presets INI file, plus FILE.d/*.ini (default /etc/gguf-router/presets.ini, if present)",
         metavar="FILE")
+    # llama.cpp's -hf on a repository holding a preset.ini: its presets, fetched into the cache.
+    hf_repo: str | None = setting(
+        None, "use the preset.ini of this Hugging Face repository as the presets (fetched at start, unless offline; "
+              "it replaces --models-preset)", flags=("--hf-repo", "-hf", "-hfr"), metavar="ORG/REPO")
     models_max: int = setting(4, "models loaded at once, least recently used unloaded first; 0 = no limit (default 4)",
                               metavar="N", low=0)
     models_autoload: bool = setting(True, "load models only through POST /models/load (or ?autoload=true)",
@@ -188,7 +192,11 @@ class Settings:
     log_timestamps: bool = setting(factory=lambda: "JOURNAL_STREAM" not in os.environ, flags=None)
 
     def preset_files(self) -> tuple[Path, list[Path]]:
-        """The presets file (given or the default) and its drop-ins, presets.d/*.ini in name order."""
+        """The presets file (hf-repo's in the cache, given or the default) and its drop-ins,
+        presets.d/*.ini in name order (none for hf-repo's)."""
+        if self.hf_repo:
+            from .hfcache import preset_file
+            return preset_file(self.hf_cache, self.hf_repo), []
         main = self.models_preset or DEFAULT_PRESETS
         dropins = main.with_suffix(".d")
         return main, sorted(p for p in dropins.glob("*.ini") if p.is_file()) if dropins.is_dir() else []

@@ -26,6 +26,8 @@ function size(bytes) {
 }
 
 function describe(status) {
+  if (status.value === "downloading")
+    return `downloading ${Math.round(status.progress * 100)} % of ${size(status.total_bytes) || "?"}`;
   if (status.value === "loading" && status.progress !== undefined) return `loading ${Math.round(status.progress * 100)} %`;
   if (status.value === "loaded" && status.in_flight) return `serving ${status.in_flight}`;
   if (status.failed) return `${status.value}: ${status.error}` + (status.exit_code !== undefined ? ` (exit ${status.exit_code})` : "");
@@ -43,12 +45,19 @@ async function refresh() {
     const state = row.insertCell();
     state.textContent = describe(m.status);
     state.className = "state state-" + m.status.value + (m.status.failed ? " failed" : "");
+    if (m.status.value === "downloading") {
+      const bar = document.createElement("progress");
+      bar.max = 1;
+      bar.value = m.status.progress;
+      state.append(" ", bar);
+    }
     row.insertCell().textContent = size(m.gguf && m.gguf.size);
     row.insertCell().textContent = size(m.status.memory_estimate_bytes);
     row.insertCell().textContent = size(m.status.memory_bytes);
-    const running = ["loading", "loaded"].includes(m.status.value);
+    // (unloading a download cancels it, as in llama.cpp)
+    const running = ["loading", "loaded", "downloading"].includes(m.status.value);
     const button = document.createElement("button");
-    button.textContent = running ? "Unload" : "Load";
+    button.textContent = m.status.value === "downloading" ? "Cancel" : running ? "Unload" : "Load";
     button.disabled = m.status.value === "invalid" || m.status.value === "unloading";
     button.onclick = () => api(running ? "/models/unload" : "/models/load",
       { method: "POST", body: JSON.stringify({ model: m.id }), headers: { "Content-Type": "application/json" } });
@@ -60,7 +69,7 @@ async function refresh() {
   await showUsage();
   const picker = $("picker");
   const chosen = picker.value;
-  picker.replaceChildren(...models.filter((m) => m.status.value !== "invalid").map((m) => new Option(m.id, m.id)));
+  picker.replaceChildren(...models.filter((m) => !["invalid", "downloading"].includes(m.status.value)).map((m) => new Option(m.id, m.id)));
   if (chosen) picker.value = chosen;
 }
 
@@ -128,7 +137,13 @@ async function follow() {
     try {
       const reply = await api("/models/sse");
       await refresh();
-      for await (const _ of sse(reply)) await refresh();
+      let shown = 0;
+      for await (const data of sse(reply)) {
+        // A download reports ten times a second; the list follows it once a second.
+        if (data.includes('"event": "download_progress"') && Date.now() - shown < 1000) continue;
+        shown = Date.now();
+        await refresh();
+      }
     } catch (error) {
       console.warn("event stream:", error.message);
     }
