@@ -449,6 +449,65 @@ async def keys(session, models: Path, work: Path, rows) -> None:
                      "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)})
 
 
+def download(work: Path, rows) -> None:
+    """Gemma-3-270M (253 MB) from the loopback hub of the tests, by `gguf-router pull` (no router
+    up: it downloads by itself), by llama.cpp's own downloader (`llama-server -hf`, timed until the
+    file is in the cache) and by curl, each into an empty cache, round by round."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hub_server import HubServer
+
+    repo, name = "bench/gemma-3-270m-GGUF", "gemma-3-270m-Q4_K_M.gguf"
+    hub = HubServer()
+    hub.add(repo, {name: REAL_MODELS / name})
+    hub.start()
+    size = (REAL_MODELS / name).stat().st_size
+    env = {**os.environ, "MODEL_ENDPOINT": hub.url}
+    closed = f"http://127.0.0.1:{free_port()}"
+
+    def by_pull(cache: Path) -> None:
+        subprocess.run([sys.executable, "-m", "gguf_router", "pull", "--url", closed, "--config", str(work / "none.conf"),
+                        f"{repo}:Q4_K_M"], env={**env, "LLAMA_CACHE": str(cache)}, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def by_llama_cpp(cache: Path) -> None:
+        proc = subprocess.Popen([str(LLAMA), "-hf", f"{repo}:Q4_K_M", "--port", str(free_port()), "-c", "256"],
+                                env={**env, "LLAMA_CACHE": str(cache)}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            while not any(p.name == name for p in cache.rglob(name)):  # the snapshot's link: the download ended
+                if proc.poll() is not None:
+                    raise RuntimeError("llama-server -hf exited")
+                time.sleep(0.005)
+        finally:
+            proc.kill()
+            proc.wait()
+
+    def by_curl(cache: Path) -> None:
+        cache.mkdir()
+        subprocess.run(["curl", "-sfL", "-o", str(cache / name), f"{hub.url}/{repo}/resolve/main/{name}"], check=True)
+
+    (work / "none.conf").touch()
+    times: dict[str, list[float]] = {"gguf-router pull": [], "llama.cpp -hf": [], "curl": []}
+    runs = {"gguf-router pull": by_pull, "llama.cpp -hf": by_llama_cpp, "curl": by_curl}
+    try:
+        by_curl(work / "warm")  # the file in the page cache and the hub's hashes made, for all alike
+        for round_ in range(ROUNDS):
+            for label, run in runs.items():
+                cache = work / f"dl-{round_}-{label.split()[0]}"
+                started = time.perf_counter()
+                run(cache)
+                times[label].append(time.perf_counter() - started)
+                shutil.rmtree(cache)
+    finally:
+        hub.stop()
+    for label, values in times.items():
+        rows.append({"scenario": "download 253 MB, loopback hub", "target": label,
+                     "rps": size / 2**20 / (pct(values, 0.5) / 1000), "p50_ms": pct(values, 0.5),
+                     "p99_ms": max(values) * 1000})
+        print(f"  download: {label}: median {pct(values, 0.5) / 1000:.2f} s ({size / 2**20 / (pct(values, 0.5) / 1000):.0f}"
+              f" MiB/s), {pct(values, 0.5) / pct(times['curl'], 0.5):.2f} x curl's time", file=sys.stderr)
+
+
 async def balancer(session, models: Path, rows) -> None:
     """What HAProxy in front adds: the same small chat through it and to the router directly,
     interleaved (one host; `gguf-router haproxy-config` and `haproxy-sync` as the README runs them)."""
@@ -586,10 +645,10 @@ async def main() -> None:
     # Under llama-server's 5 s keep-alive (cpp-httplib): a connection idle longer is closed under us.
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
     # `scripts/dev bench discovery`, `... memory`, `... admission`, `... startup`, `... balancer`,
-    # `... refused`, `... churn` or `... keys`: that part alone; `... versus REV`: this tree against
+    # `... refused`, `... churn`, `... keys` or `... download`: that part alone; `... versus REV`: this tree against
     # the commit REV in start-up, cold start and small requests
     only = sys.argv[1] if sys.argv[1:] in (["discovery"], ["memory"], ["admission"], ["startup"], ["balancer"],
-                                           ["refused"], ["churn"], ["keys"]) or sys.argv[1:2] == ["versus"] else None
+                                           ["refused"], ["churn"], ["keys"], ["download"]) or sys.argv[1:2] == ["versus"] else None
     before = checkout(sys.argv[2], work) if only == "versus" else None
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         if only in (None, "memory"):
@@ -636,6 +695,9 @@ async def main() -> None:
     if only in (None, "refused"):
         print("refused bodies ...", file=sys.stderr)
         refused_bodies(models, rows)
+    if only in (None, "download"):
+        print("downloads ...", file=sys.stderr)
+        download(work, rows)
     shutil.rmtree(work)
     for name, mb in rss.items():
         rows.append({"scenario": "RSS MB (router process)", "target": name, "p50_ms": mb})

@@ -12,7 +12,8 @@
   set, the same for a request without `Authorization: Bearer TOKEN`.
 
 Faults for the tests: `drop_after[PATH] = N` closes the connection after N bytes of that file,
-once; `wrong_sha[PATH]` lists a wrong SHA-256; `rate` bytes a second slows every file.
+once; `wrong_sha[PATH]` lists a wrong SHA-256; `rate` bytes a second slows every file;
+`honour_ranges = False` answers a Range request with the whole file, as some servers do.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-PIECE = 1 << 16
+PIECE = 1 << 20
+SLOW_PIECE = 1 << 14  # with `rate`: a file arrives piece by piece, as over a slow link
 
 
 @dataclass
@@ -44,6 +46,7 @@ class HubServer:
     drop_after: dict[str, int] = field(default_factory=dict)
     wrong_sha: set[str] = field(default_factory=set)
     rate: int | None = None  # bytes a second, every file
+    honour_ranges: bool = True  # False: a Range request is answered 200 with the whole file
     token: str | None = None
     ranges: list[str] = field(default_factory=list)  # the Range header of every file GET, "" for none
     port: int = 0
@@ -144,7 +147,7 @@ class HubServer:
         size = local.stat().st_size
         start = 0
         range_ = request.headers.get("Range", "")
-        if range_.startswith("bytes=") and range_.endswith("-"):
+        if range_.startswith("bytes=") and range_.endswith("-") and self.honour_ranges:
             start = int(range_[len("bytes="):-1])
         if start >= size and size:
             return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
@@ -161,7 +164,7 @@ class HubServer:
         sent = start
         with open(local, "rb") as f:
             f.seek(start)
-            while piece := f.read(PIECE):
+            while piece := f.read(SLOW_PIECE if self.rate else PIECE):
                 if drop is not None and sent + len(piece) > drop:
                     await response.write(piece[:max(drop - sent, 0)])
                     await asyncio.sleep(0.2)  # read by the client, as bytes that came before a drop are

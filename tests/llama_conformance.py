@@ -2,9 +2,6 @@
 test_llama_router.py): their models are already in LLAMA_CACHE, so the suite's download step has
 nothing to do; what they download comes from the loopback hub (MODEL_ENDPOINT)."""
 
-import pytest
-
-NEEDS_NETWORK: dict[str, str] = {}  # none: the loopback hub answers what the suite fetches
 # llama.cpp's router downloads on POST /models even when started with --offline, as the suite
 # starts it (its download child gets none of the router's flags); gguf-router's --offline means
 # no download at all, so these start without it.
@@ -21,8 +18,3 @@ def pytest_sessionstart(session):
 
     utils.ServerPreset.load_all = staticmethod(lambda: None)
 
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if item.originalname in NEEDS_NETWORK:
-            item.add_marker(pytest.mark.skip(reason=NEEDS_NETWORK[item.originalname]))

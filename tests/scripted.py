@@ -11,7 +11,7 @@ from gguf_router.policy import Limits
 from gguf_router.scheduling import effects as fx
 from gguf_router.scheduling import inputs as ev
 from gguf_router.scheduling.records import HOLDS_SLOT, Cause, Fleet, ModelSpec, Phase, Why
-from gguf_router.scheduling.step import step
+from gguf_router.scheduling.step import general_step, step
 
 P = Phase
 # The core says each change of phase in a Log effect: the one place a script sees the phases a
@@ -38,6 +38,9 @@ class Script:
         self.now += after
         before = self.fleet
         self.fleet, self.effects = step(before, event, self.now)
+        if isinstance(event, (ev.Arrive, ev.Release)):
+            # The short way for a loaded model's requests gives what the general one gives, every time.
+            assert (self.fleet, self.effects) == general_step(before, event, self.now), event
         for effect in self.effects:
             if isinstance(effect, fx.Log) and (m := _MOVE.match(effect.text)):
                 self.moves.add((Phase(m[2]), Phase(m[3])))

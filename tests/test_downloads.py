@@ -61,11 +61,14 @@ class Events:
         assert self.ready.wait(10)
 
     def _read(self, url):
-        with httpx.stream("GET", url + "/models/sse", timeout=None) as reply:
-            self.ready.set()
-            for line in reply.iter_lines():
-                if line.startswith("data: "):
-                    self.seen.append(json.loads(line[6:]))
+        try:
+            with httpx.stream("GET", url + "/models/sse", timeout=None) as reply:
+                self.ready.set()
+                for line in reply.iter_lines():
+                    if line.startswith("data: "):
+                        self.seen.append(json.loads(line[6:]))
+        except httpx.HTTPError:
+            pass  # the router stopped: the stream ends with it
 
     def ended(self, name):
         return next((e for e in self.seen if e["model"] == name
@@ -131,6 +134,42 @@ def test_a_connection_dropped_mid_file_resumes_where_it_stopped(start, hub, cach
     assert ended["event"] == "download_finished", ended
     assert "" in hub.ranges and any(r.startswith("bytes=") and r != "bytes=0-" for r in hub.ranges), hub.ranges
     assert router.http.post("/v1/chat/completions", json=chat(NAME)).status_code == 200
+
+
+def test_a_server_that_ignores_the_range_is_read_from_the_start_again(start, hub, cache):
+    size = hub.repos[REPO].files[FILE].stat().st_size
+    hub.drop_after[FILE] = size // 2
+    hub.honour_ranges = False
+    router = start()
+    events = Events(router)
+    assert router.http.post("/models", json={"model": NAME}).status_code == 200
+    ended = router.wait_for(lambda: events.ended(NAME), what="the download to end")
+    assert ended["event"] == "download_finished", ended
+    assert router.http.post("/v1/chat/completions", json=chat(NAME)).status_code == 200
+
+
+def test_two_downloads_of_one_file_at_once_write_it_once(start, hub, cache):
+    """org/tiny-GGUF (no quant: Q4_K_M, then Q8_0) and org/tiny-GGUF:Q8_0 are the same file."""
+    hub.rate = 256 << 10
+    router = start()
+    events = Events(router)
+    for name in (REPO, NAME):
+        assert router.http.post("/models", json={"model": name}).status_code == 200
+    for name in (REPO, NAME):
+        ended = router.wait_for(lambda: events.ended(name), what=f"the download of {name} to end")
+        assert ended["event"] == "download_finished" and ended["data"]["id"] == NAME, ended
+    blob = next((cache / "models--org--tiny-GGUF" / "blobs").iterdir())
+    assert blob.read_bytes() == hub.repos[REPO].files[FILE].read_bytes()
+    assert len(hub.ranges) == 1  # fetched once
+    assert router.http.post("/v1/chat/completions", json=chat(NAME)).status_code == 200
+
+
+def test_a_path_the_hub_lists_outside_the_repository_is_never_written(start, hub, cache, tmp_path):
+    hub.add("org/evil-GGUF", {"../../../evil-Q8_0.gguf": hub.repos[REPO].files[FILE]})
+    router = start()
+    reply = router.http.post("/models", json={"model": "org/evil-GGUF:Q8_0"})
+    assert reply.status_code == 404, reply.text
+    assert not list(tmp_path.rglob("evil*"))
 
 
 def test_a_file_whose_sha256_is_wrong_is_deleted_and_never_listed(start, hub, cache):

@@ -13,11 +13,10 @@ from sanic.response import JSONResponse, json as json_response, raw
 
 from . import __version__
 from .access import Level, admin_if_reloading, read_unless_routed
-from .errors import RouterError, shown
+from .errors import RouterError, model_not_found, shown
 from .ini import ConfigError
 from .llama_options import build_info
 from .metrics import render as render_metrics
-from .downloads import Download
 from .scheduling.records import Phase
 from .scheduling.views import ModelView
 from .parse import add_routes, asks_reload, json_body, model_field, query_model
@@ -106,7 +105,7 @@ async def health(request: Request) -> JSONResponse:
     return json_response({"status": "ok"})
 
 
-def download_entry(download: Download) -> dict:
+def download_entry(download) -> dict:
     """A model being downloaded, listed as llama.cpp lists it, with its bytes done and total."""
     return {"id": download.name, "aliases": [], "tags": [], "object": "model", "owned_by": "llamacpp",
             "created": int(download.started), "status": download.status(),
@@ -191,14 +190,15 @@ async def load_model(request: Request) -> JSONResponse:
 
 async def unload_model(request: Request) -> JSONResponse:
     router, name = request.app.ctx.router, model_field(json_body(request))
-    if not router.downloads.cancel(name):  # as in llama.cpp, unloading a download cancels it
+    # As in llama.cpp, unloading a download cancels it (one this key may see).
+    if not (visible(request, name) and router.downloads.cancel(name)):
         router.scheduler.unload(scoped(request, name))
     return json_response({"success": True})
 
 
 async def remove_model(request: Request) -> JSONResponse:
     router, name = request.app.ctx.router, query_model(request)
-    if not router.downloads.cancel(name):  # a download is cancelled, its partial files deleted
+    if not (visible(request, name) and router.downloads.cancel(name)):  # a download: cancelled, its files deleted
         await router.remove_from_cache(scoped(request, name))
     return json_response({"success": True})
 
@@ -211,7 +211,10 @@ async def download_model(request: Request) -> JSONResponse:
     if router.settings.offline:
         raise RouterError(409, "the router runs with --offline: it downloads nothing (restart it without "
                                "offline = true to download)")
-    await router.downloads.start(model_field(json_body(request)))
+    name = model_field(json_body(request))
+    if not visible(request, name):  # a key's models: it may neither add others nor learn which are listed
+        raise model_not_found(name)
+    await router.downloads.start(name)
     return json_response({"success": True})
 
 

@@ -18,18 +18,20 @@ import logging
 import os
 import shutil
 import sqlite3
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Awaitable, Callable
-
-import aiohttp
+from typing import TYPE_CHECKING, Awaitable, Callable
 
 from . import hfcache, hub
 from .errors import RouterError
 from .events import Events
 from .sizes import size_text
+
+if TYPE_CHECKING:
+    import aiohttp  # imported where a download runs: not at start-up, which no download needs
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,6 @@ PROGRESS_EVERY = 0.1  # seconds between download_progress events of one download
 CHUNK = 1 << 20
 AHEAD = 4  # chunks read from the network while earlier ones are written
 PARTIAL = ".downloadInProgress"
-FILE = "downloads.db"  # in the state dir
 
 
 class Failed(Exception):
@@ -58,6 +59,8 @@ class Download:
     started: float = field(default_factory=time.time)
     done: dict[str, int] = field(default_factory=dict)  # bytes by file path
     fetched: list[Path] = field(default_factory=list)  # blobs this download completed: gone if it fails
+    opened: list[Path] = field(default_factory=list)  # partial files it writes (and only those): gone if it fails
+    stop: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task | None = None
 
     @property
@@ -166,6 +169,9 @@ class Downloads:
         self._session, self._listed, self._finished = session, listed, finished
         self.active: dict[str, Download] = {}
         self._turns = asyncio.Semaphore(AT_ONCE)
+        # One writer a blob: two downloads (org/repo and org/repo:Q4_K_M, or two quants with one
+        # mmproj) never append to one partial file.
+        self._writing: dict[Path, asyncio.Lock] = {}
 
     async def start(self, name: str) -> Download:
         """Plans the download and starts it; a RouterError says why not, before anything is written."""
@@ -176,29 +182,42 @@ class Downloads:
             raise RouterError(400, f"model '{name}' is already downloading")
         if self._listed(name):
             raise RouterError(400, f"model '{name}' already exists")
-        repo = hfcache.repo_folder(self.cache, repo_id)
-        # Into the snapshot already cached, if any: a newer commit would hide the quants cached before.
-        snap = hfcache.snapshot(repo)
-        plan = await hub.plan(self._session(), name, snap.name if snap else None)
+        plan = await self._plan(name, repo_id)
         if plan.is_preset:
             raise RouterError(400, f"{name} is a repository of presets (its preset.ini), not a model: start the "
                                    f"router with --hf-repo {plan.repo} to use them")
         if name in self.active:  # asked for twice while the hub was asked
             raise RouterError(400, f"model '{name}' is already downloading")
-        need = sum(f.size - _partial_size(self._partial(plan, f)) for f in plan.files
-                   if not self._blob(plan, f).exists())
+        need = self._still_needed(plan) + sum(self._still_needed(d.plan) for d in self.active.values())
         free = _free_space(self.cache)
         if need > free:
-            raise RouterError(507, f"{name} needs {size_text(need)} more on the disk of {self.cache}, which has "
-                                   f"{size_text(free)} free: nothing was downloaded")
+            raise RouterError(507, f"{name} needs {size_text(self._still_needed(plan))} more on the disk of "
+                                   f"{self.cache}, which has {size_text(free)} free"
+                                   + (" beside the downloads under way" if self.active else "")
+                                   + ": nothing was downloaded")
         download = self.active[name] = Download(name, plan)
-        if self.ledger:
-            await self.ledger.add(name)
+        # At once, with nothing awaited before it: a request cancelled from here on leaves no entry without a task.
         download.task = asyncio.get_running_loop().create_task(self._run(download))
         self.events.publish("model_status", name, {"status": "downloading"})
         log.info("model %s: downloading %s (%s in %d files) from %s", name, plan.repo, size_text(plan.total),
                  len(plan.files), hub.endpoint())
         return download
+
+    async def _plan(self, name: str, repo_id: str) -> hub.Plan:
+        # Into the snapshot already cached, if any: a newer commit would hide the quants cached before.
+        snap = hfcache.snapshot(hfcache.repo_folder(self.cache, repo_id))
+        if snap is not None:
+            try:
+                return await hub.plan(self._session(), name, snap.name)
+            except RouterError as exc:
+                if exc.status != 404:
+                    raise
+                # that commit is gone from the hub (a squashed history), or the quant is not in it
+        return await hub.plan(self._session(), name)
+
+    def _still_needed(self, plan: hub.Plan) -> int:
+        return sum(max(f.size - _partial_size(self._partial(plan, f)), 0) for f in plan.files
+                   if not self._blob(plan, f).exists())
 
     async def presets(self, repo_id: str) -> Path:
         """A presets repository's preset.ini, fetched into the cache (at start, for --hf-repo)."""
@@ -207,12 +226,13 @@ class Downloads:
             raise RouterError(400, f"{repo_id} holds no preset.ini at its root: --hf-repo names a repository of "
                                    "presets; add a model with POST /models or gguf-router pull")
         download = Download(repo_id, plan)
-        with ThreadPoolExecutor(1, thread_name_prefix="download") as disk:
-            try:
-                await self._fetch(download, plan.files[0], disk)
-            finally:
-                self._partial(plan, plan.files[0]).unlink(missing_ok=True)
+        disk = ThreadPoolExecutor(1, thread_name_prefix="download")
+        try:
+            await self._fetch(download, plan.files[0], disk)
             await asyncio.get_running_loop().run_in_executor(disk, self._place, plan)
+        finally:
+            self._partial(plan, plan.files[0]).unlink(missing_ok=True)
+            disk.shutdown(wait=False)
         return hfcache.repo_folder(self.cache, plan.repo) / "snapshots" / plan.commit / hub.PRESET
 
     async def resume(self) -> None:
@@ -222,7 +242,8 @@ class Downloads:
                 await self.start(name)
             except RouterError as exc:
                 log.error("model %s: download not resumed: %s", name, exc.message)
-                await self.ledger.remove(name)
+                if exc.status < 500:  # the hub unreachable, the disk full: the next start tries again
+                    await self.ledger.remove(name)
 
     def cancel(self, name: str) -> bool:
         """Stops a download and deletes its partial files; False if `name` is not downloading."""
@@ -257,12 +278,15 @@ class Downloads:
     async def _run(self, download: Download) -> None:
         name, plan = download.name, download.plan
         error = None
+        disk = ThreadPoolExecutor(1, thread_name_prefix="download")
         try:
+            if self.ledger:
+                await self.ledger.add(name)
             async with self._turns:
-                with ThreadPoolExecutor(1, thread_name_prefix="download") as disk:
-                    for file in plan.files:
-                        await self._fetch(download, file, disk)
-                    await asyncio.get_running_loop().run_in_executor(disk, self._place, plan)
+                for file in plan.files:
+                    await self._fetch(download, file, disk)
+                # Not cut short by a cancel: links to blobs a cancel then deleted would be listed by llama.cpp.
+                await asyncio.shield(asyncio.get_running_loop().run_in_executor(disk, self._place, plan))
         except asyncio.CancelledError:
             if self.active.get(name) is not download:
                 return  # the router stops: the partial files stay, and the ledger resumes them
@@ -272,33 +296,42 @@ class Downloads:
         except OSError as exc:
             error = f"cannot write to the cache: {exc}"
         finally:
+            download.stop.set()  # a resumed partial being hashed stops at its next chunk
+            disk.shutdown(wait=False)
             if self.active.get(name) is download:
                 del self.active[name]
                 if self.ledger:
                     await self.ledger.remove(name)
         if error is not None:  # nothing of it stays: neither its partial files nor the files no link names
-            for path in [self._partial(plan, f) for f in plan.files] + download.fetched:
-                path.unlink(missing_ok=True)
-        if error is None:
-            snap = hfcache.repo_folder(self.cache, plan.repo) / "snapshots" / plan.commit
-            await self._finished([snap / f.path for f in plan.files])
-            log.info("model %s: downloaded (%s)", name, size_text(plan.total))
-            listed_as = next((m for m, path, _ in hfcache.cached_models(self.cache)
-                              if path.name == Path(plan.files[0].path).name and m.startswith(plan.repo + ":")), name)
-            self.events.publish("download_finished", name, {"id": listed_as})
-        else:
+            await asyncio.to_thread(_remove, download.opened + download.fetched)
             log.error("model %s: download failed: %s", name, error)
             self.events.publish("download_failed", name, {"error": error})
+            return
+        snap = hfcache.repo_folder(self.cache, plan.repo) / "snapshots" / plan.commit
+        await self._finished([snap / f.path for f in plan.files])
+        log.info("model %s: downloaded (%s)", name, size_text(plan.total))
+        model = Path(plan.files[0].path).name
+        listed = await asyncio.to_thread(lambda: next((m for m, path, _ in hfcache.cached_models(self.cache)
+                                                       if path.name == model and m.startswith(plan.repo + ":")), name))
+        self.events.publish("download_finished", name, {"id": listed})
 
     async def _fetch(self, download: Download, file: hub.RemoteFile, disk: ThreadPoolExecutor) -> None:
+        blob = self._blob(download.plan, file)
+        async with self._writing.setdefault(blob, asyncio.Lock()):  # (a lock per file ever fetched: a few)
+            if blob.exists():  # another quant (or llama.cpp) fetched it already, or just now
+                download.done[file.path] = file.size
+                return
+            await self._fetch_alone(download, file, disk)
+
+    async def _fetch_alone(self, download: Download, file: hub.RemoteFile, disk: ThreadPoolExecutor) -> None:
+        import aiohttp
+
         plan, loop = download.plan, asyncio.get_running_loop()
         blob, partial = self._blob(plan, file), self._partial(plan, file)
-        if blob.exists():  # another quant (or llama.cpp) fetched it already
-            download.done[file.path] = file.size
-            return
         blob.parent.mkdir(parents=True, exist_ok=True)
+        download.opened.append(partial)
         hasher = _Hasher(file)
-        have = await loop.run_in_executor(disk, _hash_existing, partial, hasher)
+        have = await loop.run_in_executor(disk, _hash_existing, partial, hasher, download.stop)
         download.done[file.path] = have
         url = plan.url(file)
         for attempt in range(ATTEMPTS):
@@ -314,35 +347,45 @@ class Downloads:
                 log.warning("model %s: %s: %s; resuming in %d s from %s", download.name, file.path,
                             exc or type(exc).__name__, wait, size_text(have))
                 await asyncio.sleep(wait)
-        if have != file.size:  # (a partial file longer than the file: not ours to trust)
-            raise Failed(f"{file.path}: {size_text(have)} received where the hub lists {size_text(file.size)}")
+        # The size on disk, not the count of bytes received: another writer (llama.cpp's -hf) may share the file.
+        have = _partial_size(partial)
+        if have != file.size:
+            raise Failed(f"{file.path}: {size_text(have)} in the partial file where the hub lists "
+                         f"{size_text(file.size)}")
         if (got := hasher.matches()) is not None:
             raise Failed(f"{file.path}: its bytes hash to {got}, not to the {file.oid} the hub lists; "
                          "the file was deleted")
-        await loop.run_in_executor(disk, os.replace, partial, blob)
+        await asyncio.shield(loop.run_in_executor(disk, os.replace, partial, blob))
+        download.opened.remove(partial)
         download.fetched.append(blob)
 
     async def _attempt(self, download: Download, file: hub.RemoteFile, url: str, partial: Path,
                        hasher: _Hasher, have: int, disk: ThreadPoolExecutor) -> int:
         """One GET, from byte `have` on; returns the bytes the partial file holds after it."""
+        import aiohttp
+
         loop = asyncio.get_running_loop()
         headers = hub.headers() | ({"Range": f"bytes={have}-"} if have else {})
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
         async with self._session().get(url, headers=headers, timeout=timeout) as reply:
-            if reply.status == 200 and have:  # the server ignored the range: from the start again
+            from_start = reply.status == 200 or (
+                reply.status == 206 and not reply.headers.get("Content-Range", "").startswith(f"bytes {have}-"))
+            if reply.status >= 500:
+                raise Dropped(f"the hub answered HTTP {reply.status}")
+            if reply.status not in (200, 206):
+                raise Failed(f"{file.path}: the hub answered HTTP {reply.status}")
+            if from_start and have:  # the server ignored the range, or sent another: from the start again
+                if reply.status == 206:
+                    raise Dropped(f"the hub sent {reply.headers.get('Content-Range')!r} for bytes={have}-")
                 have = 0
                 await loop.run_in_executor(disk, _truncate, partial, hasher)
-            elif reply.status >= 500:
-                raise Dropped(f"the hub answered HTTP {reply.status}")
-            elif reply.status not in (200, 206):
-                raise Failed(f"{file.path}: the hub answered HTTP {reply.status}")
             out = await loop.run_in_executor(disk, open, partial, "ab")
+            pending: list[asyncio.Future] = []
             try:
-                pending: list[asyncio.Future] = []
                 last = 0.0
                 async for chunk in reply.content.iter_any():  # as it comes: a drop loses nothing received
                     if have + len(chunk) > file.size:
-                        raise Failed(f"more bytes than the {size_text(file.size)} the hub lists")
+                        raise Failed(f"{file.path}: more bytes than the {size_text(file.size)} the hub lists")
                     pending.append(loop.run_in_executor(disk, _append, out, hasher, chunk))
                     have += len(chunk)
                     if len(pending) >= AHEAD:
@@ -351,10 +394,11 @@ class Downloads:
                     if (now := time.monotonic()) - last >= PROGRESS_EVERY:
                         last = now
                         self.events.publish("download_progress", download.name, download.event())
+            finally:
+                # After every append queued before it (one disk thread): the file and the hash agree.
+                await loop.run_in_executor(disk, out.close)
                 for future in pending:
                     await future
-            finally:
-                await loop.run_in_executor(disk, out.close)
         self.events.publish("download_progress", download.name, download.event())
         if have < file.size:
             raise Dropped(f"the connection closed after {size_text(have)} of {size_text(file.size)}")
@@ -369,11 +413,17 @@ class Downloads:
         _write_ref(repo, plan.commit)
 
 
-def _hash_existing(partial: Path, hasher: _Hasher) -> int:
-    """The bytes a partial file already holds, fed to `hasher`: where a resume starts."""
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def _hash_existing(partial: Path, hasher: _Hasher, stop: threading.Event) -> int:
+    """The bytes a partial file already holds, fed to `hasher`: where a resume starts. `stop`
+    ends it early (a cancel, a stop), so the disk thread is free at once."""
     try:
         with open(partial, "rb") as f:
-            while chunk := f.read(CHUNK):
+            while not stop.is_set() and (chunk := f.read(CHUNK)):
                 hasher.update(chunk)
             return f.tell()
     except FileNotFoundError:
@@ -393,6 +443,8 @@ def _truncate(partial: Path, hasher: _Hasher) -> None:
 
 def fetch_presets(cache: Path, repo_id: str) -> Path:
     """--hf-repo at start: its preset.ini, from the hub, into the cache; RouterError or Failed say why not."""
+    import aiohttp
+
     async def run() -> Path:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             downloads = Downloads(cache, None, Events(), lambda: session, lambda name: False, _nothing)

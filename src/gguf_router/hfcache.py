@@ -15,18 +15,19 @@ from typing import Iterator
 DRAFT_PREFIXES = ("mtp-", "dspark-", "dflash-", "eagle3-")
 SPLIT = re.compile(r"^(.+)-([0-9]{5})-of-([0-9]{5})$", re.IGNORECASE)
 _QUANT = re.compile(r"[-.]([A-Z0-9_]+)$", re.IGNORECASE)
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+# (fullmatch: a $ would let a trailing newline through)
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 DEFAULT_TAGS = ("Q4_K_M", "Q8_0")  # what llama.cpp picks when a repo is named without a quant
 
 
 def is_companion(name: str) -> bool:
-    """mmproj and draft files ride along with a model; they are never models themselves."""
-    return "mmproj" in name or name.startswith(DRAFT_PREFIXES)
+    """mmproj, draft and imatrix files ride along with a model; they are never models themselves."""
+    return "mmproj" in name or "imatrix" in name or name.startswith(DRAFT_PREFIXES)
 
 
 def valid_repo(repo_id: str) -> bool:
-    return bool(_REPO.match(repo_id)) and len(repo_id) <= 256
+    return bool(_REPO.fullmatch(repo_id)) and len(repo_id) <= 256
 
 
 def split_repo_tag(name: str) -> tuple[str, str]:
@@ -46,7 +47,7 @@ def snapshot(repo: Path) -> Path | None:
     try:
         for ref in sorted(refs.iterdir(), key=lambda r: r.name != "main"):
             commit = ref.read_text().strip() if ref.is_file() else ""
-            if _COMMIT.match(commit):
+            if _COMMIT.fullmatch(commit):
                 commits.append(commit)
     except OSError:
         return None
@@ -151,7 +152,7 @@ def remove(root: Path, model_id: str) -> bool:
     Only what lies inside the repo's own folder of the cache is deleted: a link out of it (a
     shared model file linked into the cache layout) is removed, never what it points at."""
     repo_id, tag = split_repo_tag(model_id)
-    if not _REPO.match(repo_id):
+    if not valid_repo(repo_id):
         return False
     repo = repo_folder(root, repo_id)
     if not tag:

@@ -10,15 +10,17 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from . import __version__, hfcache
 from .errors import RouterError, shown
 
 DEFAULT_ENDPOINT = "https://huggingface.co/"
 PRESET = "preset.ini"  # a repository holding one at its root is a set of presets, not a model
-_HEX = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
+_HEX = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # (fullmatch: $ would let a newline end one)
+
+if TYPE_CHECKING:
+    import aiohttp  # imported with the first download: start-up needs none
 
 
 def endpoint() -> str:
@@ -71,6 +73,8 @@ def checked_name(name: str) -> tuple[str, str]:
 
 
 async def _get_json(session: aiohttp.ClientSession, url: str, what: str):
+    import aiohttp
+
     try:
         async with session.get(url, headers={**headers(), "Accept": "application/json"}) as reply:
             if reply.status in (401, 403, 404):
@@ -108,10 +112,17 @@ async def tree(session: aiohttp.ClientSession, repo: str, commit: str) -> dict[s
         oid = (lfs or item).get("oid")
         size = (lfs or item).get("size")
         path = item["path"]
-        if not isinstance(oid, str) or not _HEX.match(oid) or not isinstance(size, int) or ".." in path.split("/"):
+        if not isinstance(oid, str) or not _HEX.fullmatch(oid) or not isinstance(size, int) or size < 0 \
+                or not _safe(path):
             continue
         files[path] = RemoteFile(path, size, oid, oid if lfs else None)
     return files
+
+
+def _safe(path: str) -> bool:
+    """A path that stays inside the snapshot it is written to, whatever the hub sends."""
+    parts = path.split("/")
+    return bool(path) and "\\" not in path and "\0" not in path and all(p not in ("", ".", "..") for p in parts)
 
 
 async def plan(session: aiohttp.ClientSession, name: str, commit: str | None = None) -> Plan:

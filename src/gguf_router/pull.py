@@ -8,6 +8,7 @@ import asyncio
 import json
 import sys
 import time
+import urllib.error
 import urllib.request
 
 from .events import Events
@@ -54,6 +55,8 @@ def through_router(client, name: str) -> None:
         request.add_header("Authorization", f"Bearer {client.key}")
     try:
         events = urllib.request.urlopen(request, timeout=120)
+    except urllib.error.HTTPError as exc:  # a router that answers, and refuses
+        raise SystemExit(f"gguf-router: {client.url}/models/sse: HTTP {exc.code} {exc.reason}") from None
     except OSError as exc:
         from .control import RouterDown
         raise RouterDown(str(exc)) from None
@@ -72,6 +75,9 @@ def through_router(client, name: str) -> None:
             elif event["event"] in ("download_finished", "download_failed"):
                 bar.end()
                 return _finish(name, event)
+    bar.end()
+    raise SystemExit(f"gguf-router: the router's event stream ended before the download of {name} did "
+                     "(a restart resumes it): see gguf-router ps --all")
 
 
 def by_itself(settings: Settings, name: str) -> None:
@@ -96,12 +102,15 @@ def by_itself(settings: Settings, name: str) -> None:
                 raise SystemExit(f"gguf-router: {exc.message}") from None
             print(f"{name}: into {settings.hf_cache} (no router answers; it lists the model once it runs)",
                   file=sys.stderr)
-            while True:
-                event = await subscription.next()
-                if event["event"] == "download_progress":
-                    bar.show(event["data"]["done"], event["data"]["total"])
-                elif event["event"] in ("download_finished", "download_failed"):
-                    bar.end()
-                    return _finish(name, event)
+            try:
+                while True:
+                    event = await subscription.next()
+                    if event["event"] == "download_progress":
+                        bar.show(event["data"]["done"], event["data"]["total"])
+                    elif event["event"] in ("download_finished", "download_failed"):
+                        bar.end()
+                        return _finish(name, event)
+            finally:
+                await downloads.close()  # stopped (Ctrl-C): its partial file stays, for the next pull
 
     asyncio.run(run())

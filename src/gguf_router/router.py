@@ -14,7 +14,6 @@ from . import hfcache, tls
 from .catalog import build
 from .config import load_config
 from .discovery import Discovery
-from .downloads import FILE as DOWNLOADS_FILE, Downloads, Ledger
 from .events import Events
 from .errors import RouterError
 from .ini import ConfigError
@@ -34,6 +33,8 @@ from .watcher import Watcher
 if TYPE_CHECKING:
     import aiohttp
 
+    from .downloads import Downloads
+
 log = logging.getLogger(__name__)
 
 DEBOUNCE = 0.25  # seconds: a copy or an editor's save is a burst of events, worth one rescan
@@ -42,6 +43,7 @@ WATCH_AFTER = 0.5  # seconds after serving begins that the file watcher starts
 STARTUP_HEADERS = 500  # headers read before the models are offered (about 0.1 s); the rest right after
 
 
+DOWNLOADS_FILE = "downloads.db"  # in the state dir: the downloads a restart resumes
 USAGE_EVERY = 1.0  # seconds between writes of the usage table: what a SIGKILL may lose
 
 
@@ -52,15 +54,6 @@ def open_usage(path: Path) -> Usage:
     except (OSError, sqlite3.Error) as exc:
         log.error("usage is not kept across restarts: %s cannot be opened: %s", path, exc)
         return Usage(Path(":memory:"))
-
-
-def open_ledger(path: Path) -> Ledger | None:
-    """The record of downloads under way; without it they are not resumed after a restart."""
-    try:
-        return Ledger(path)
-    except (OSError, sqlite3.Error) as exc:
-        log.error("downloads are not resumed after a restart: %s cannot be opened: %s", path, exc)
-        return None
 
 
 def scheduling_limits(settings: Settings) -> Limits:
@@ -85,9 +78,7 @@ class Router:
                                    Floors(settings.state_dir / "memory-floors.json"), queue_limits(settings))
         self._session: aiohttp.ClientSession | None = None
         self._hub_session: aiohttp.ClientSession | None = None
-        self.downloads = Downloads(settings.hf_cache, open_ledger(settings.state_dir / DOWNLOADS_FILE), self.events,
-                                   self.hub_session, lambda name: self.scheduler.canonical(name) is not None,
-                                   self._downloaded)
+        self._downloads: Downloads | None = None
         self.quotas = Quotas()
         self.usage = open_usage(settings.state_dir / USAGE_FILE)
         self.notifier = Notifier()
@@ -229,6 +220,21 @@ class Router:
                  "files removed" if removed else "no files left to remove", self.settings.hf_cache)
         await self.reload(False)
 
+    @property
+    def downloads(self) -> Downloads:
+        """Made (and its modules imported) on first use: start-up needs none."""
+        if self._downloads is None:
+            from .downloads import Downloads, Ledger
+            path = self.settings.state_dir / DOWNLOADS_FILE
+            try:
+                ledger = Ledger(path)
+            except (OSError, sqlite3.Error) as exc:
+                log.error("downloads are not resumed after a restart: %s cannot be opened: %s", path, exc)
+                ledger = None
+            self._downloads = Downloads(self.settings.hf_cache, ledger, self.events, self.hub_session,
+                                        lambda name: self.scheduler.canonical(name) is not None, self._downloaded)
+        return self._downloads
+
     async def _downloaded(self, files: list[Path]) -> None:
         """A download ended: the rescan that lists what it fetched (at once: its files are whole)."""
         self.discovery.whole.update(files)
@@ -284,7 +290,7 @@ class Router:
             log.info("listed models by name; reading the rest of their GGUF headers in the background")
             self.poke(False)
         await self.scheduler.adopt()
-        if not self.settings.offline:
+        if not self.settings.offline and (self.settings.state_dir / DOWNLOADS_FILE).exists():
             self.spawn(self.downloads.resume)
         self.spawn(self.scheduler.tick)
         self.spawn(self._write_usage)
@@ -331,7 +337,8 @@ class Router:
         for task in self._tasks:
             task.cancel()
         await self.usage.flush()  # before the children stop, which may take their stop timeout
-        await self.downloads.close()  # where they are: the next router resumes them
+        if self._downloads is not None:
+            await self._downloads.close()  # where they are: the next router resumes them
         await self.scheduler.close()
         await self.usage.close()
         for session in (self._session, self._hub_session):
