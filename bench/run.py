@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -482,21 +483,51 @@ def download(work: Path, rows) -> None:
             proc.kill()
             proc.wait()
 
+    def by_router(cache: Path) -> float:
+        """POST /models to a running router, timed to its download_finished event (its start not counted)."""
+        port = free_port()
+        router = subprocess.Popen([sys.executable, "-m", "gguf_router", "--port", str(port), "--config", str(work / "none.conf"),
+                                   "--models-preset", str(work / "none.conf"), "--keys-file", str(work / "none.conf"),
+                                   "--state-dir", str(cache / "state"), "--llama-server", str(LLAMA), "--log-level", "warning"],
+                                  env={**env, "LLAMA_CACHE": str(cache)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while True:
+                try:
+                    events = urllib.request.urlopen(f"http://127.0.0.1:{port}/models/sse")
+                    break
+                except OSError:
+                    time.sleep(0.02)
+            events.readline()
+            started = time.perf_counter()
+            urllib.request.urlopen(urllib.request.Request(
+                f"http://127.0.0.1:{port}/models", data=json.dumps({"model": f"{repo}:Q4_K_M"}).encode(),
+                headers={"Content-Type": "application/json"}))
+            for line in events:
+                if b'"download_finished"' in line:
+                    return time.perf_counter() - started
+                if b'"download_failed"' in line:
+                    raise RuntimeError(line)
+        finally:
+            router.terminate()
+            router.wait()
+
     def by_curl(cache: Path) -> None:
         cache.mkdir()
         subprocess.run(["curl", "-sfL", "-o", str(cache / name), f"{hub.url}/{repo}/resolve/main/{name}"], check=True)
 
     (work / "none.conf").touch()
-    times: dict[str, list[float]] = {"gguf-router pull": [], "llama.cpp -hf": [], "curl": []}
-    runs = {"gguf-router pull": by_pull, "llama.cpp -hf": by_llama_cpp, "curl": by_curl}
+    times: dict[str, list[float]] = {"gguf-router pull": [], "gguf-router POST /models": [], "llama.cpp -hf": [],
+                                     "curl": []}
+    runs = {"gguf-router pull": by_pull, "gguf-router POST /models": by_router, "llama.cpp -hf": by_llama_cpp,
+            "curl": by_curl}
     try:
         by_curl(work / "warm")  # the file in the page cache and the hub's hashes made, for all alike
         for round_ in range(ROUNDS):
             for label, run in runs.items():
-                cache = work / f"dl-{round_}-{label.split()[0]}"
+                cache = work / f"dl-{round_}-{len(times[label])}-{label.split()[-1].strip('/')}"
                 started = time.perf_counter()
-                run(cache)
-                times[label].append(time.perf_counter() - started)
+                took = run(cache)
+                times[label].append(took if took is not None else time.perf_counter() - started)
                 shutil.rmtree(cache)
     finally:
         hub.stop()

@@ -362,12 +362,9 @@ class Downloads:
     async def _attempt(self, download: Download, file: hub.RemoteFile, url: str, partial: Path,
                        hasher: _Hasher, have: int, disk: ThreadPoolExecutor) -> int:
         """One GET, from byte `have` on; returns the bytes the partial file holds after it."""
-        import aiohttp
-
         loop = asyncio.get_running_loop()
         headers = hub.headers() | ({"Range": f"bytes={have}-"} if have else {})
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)
-        async with self._session().get(url, headers=headers, timeout=timeout) as reply:
+        async with self._session().get(url, headers=headers) as reply:
             from_start = reply.status == 200 or (
                 reply.status == 206 and not reply.headers.get("Content-Range", "").startswith(f"bytes {have}-"))
             if reply.status >= 500:
@@ -381,20 +378,28 @@ class Downloads:
                 await loop.run_in_executor(disk, _truncate, partial, hasher)
             out = await loop.run_in_executor(disk, open, partial, "ab")
             pending: list[asyncio.Future] = []
+            held: list[bytes] = []  # what came since the last write: written a CHUNK at a time
+            held_bytes = 0
             try:
                 last = 0.0
                 async for chunk in reply.content.iter_any():  # as it comes: a drop loses nothing received
                     if have + len(chunk) > file.size:
                         raise Failed(f"{file.path}: more bytes than the {size_text(file.size)} the hub lists")
-                    pending.append(loop.run_in_executor(disk, _append, out, hasher, chunk))
+                    held.append(chunk)
+                    held_bytes += len(chunk)
                     have += len(chunk)
-                    if len(pending) >= AHEAD:
-                        await pending.pop(0)
+                    if held_bytes >= CHUNK:
+                        pending.append(loop.run_in_executor(disk, _append, out, hasher, b"".join(held)))
+                        held, held_bytes = [], 0
+                        if len(pending) >= AHEAD:
+                            await pending.pop(0)
                     download.done[file.path] = have
                     if (now := time.monotonic()) - last >= PROGRESS_EVERY:
                         last = now
                         self.events.publish("download_progress", download.name, download.event())
             finally:
+                if held:  # what came before a drop is kept: the resume starts after it
+                    pending.append(loop.run_in_executor(disk, _append, out, hasher, b"".join(held)))
                 # After every append queued before it (one disk thread): the file and the hash agree.
                 await loop.run_in_executor(disk, out.close)
                 for future in pending:
@@ -443,10 +448,8 @@ def _truncate(partial: Path, hasher: _Hasher) -> None:
 
 def fetch_presets(cache: Path, repo_id: str) -> Path:
     """--hf-repo at start: its preset.ini, from the hub, into the cache; RouterError or Failed say why not."""
-    import aiohttp
-
     async def run() -> Path:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async with hub.session() as session:
             downloads = Downloads(cache, None, Events(), lambda: session, lambda name: False, _nothing)
             return await downloads.presets(repo_id)
     return asyncio.run(run())

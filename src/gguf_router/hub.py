@@ -28,6 +28,16 @@ def endpoint() -> str:
     return url if url.endswith("/") else url + "/"
 
 
+def session() -> aiohttp.ClientSession:
+    """An HTTP session to the hub: reads of up to 4 MiB at a time (aiohttp's 64 KiB cost a download
+    a fifth of its speed on a fast link), no limit on a whole download, a minute without a byte
+    and the attempt is over (downloads.py resumes it)."""
+    import aiohttp
+
+    return aiohttp.ClientSession(read_bufsize=4 << 20,
+                                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60))
+
+
 def headers() -> dict[str, str]:
     out = {"User-Agent": f"gguf-router/{__version__}"}
     if token := os.environ.get("HF_TOKEN", "").strip():

@@ -82,9 +82,7 @@ def through_router(client, name: str) -> None:
 
 def by_itself(settings: Settings, name: str) -> None:
     """No router up: this process downloads, into the cache the router reads."""
-    import aiohttp
-
-    from . import hfcache
+    from . import hfcache, hub
     from .downloads import Downloads
     from .errors import RouterError
 
@@ -92,7 +90,7 @@ def by_itself(settings: Settings, name: str) -> None:
         events = Events()
         subscription = events.subscribe()
         bar = Bar(name)
-        async with aiohttp.ClientSession() as session:
+        async with hub.session() as session:
             downloads = Downloads(settings.hf_cache, None, events, lambda: session,
                                   lambda model: hfcache.resolve(settings.hf_cache, model) is not None,
                                   lambda files: asyncio.sleep(0))

@@ -314,9 +314,8 @@ class Router:
     def hub_session(self) -> aiohttp.ClientSession:
         """The HTTP session to the Hugging Face hub (or MODEL_ENDPOINT), made on first use."""
         if self._hub_session is None:
-            import aiohttp
-            self._hub_session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30,
-                                                                                     sock_read=60))
+            from .hub import session
+            self._hub_session = session()
         return self._hub_session
 
     @property
