@@ -118,7 +118,7 @@ def _partial_size(path: Path) -> int:
 def _link(target: Path, link: Path) -> None:
     """`link` -> `target`, relative as llama.cpp makes it, replacing what was there in one step."""
     link.parent.mkdir(parents=True, exist_ok=True)
-    fresh = link.with_name(link.name + ".link")
+    fresh = link.with_name(_own_temporary(link.name))
     fresh.unlink(missing_ok=True)
     fresh.symlink_to(os.path.relpath(target, link.parent))
     os.replace(fresh, link)
@@ -127,9 +127,15 @@ def _link(target: Path, link: Path) -> None:
 def _write_ref(repo: Path, commit: str) -> None:
     ref = repo / "refs" / "main"
     ref.parent.mkdir(parents=True, exist_ok=True)
-    fresh = ref.with_name("main.tmp")
+    fresh = ref.with_name(_own_temporary("main"))
     fresh.write_text(commit)
     os.replace(fresh, ref)
+
+
+def _own_temporary(name: str) -> str:
+    """A name no other writer of the same file uses (two downloads of one repository place their
+    links at once; llama.cpp writes `NAME.tmp`)."""
+    return f".{name}.{os.getpid()}-{threading.get_ident()}.tmp"
 
 
 class Ledger:
