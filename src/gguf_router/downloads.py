@@ -12,11 +12,8 @@ AT_ONCE run at a time, and none holds a model slot. The partial file is llama.cp
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import logging
 import os
-import shutil
 import sqlite3
 import threading
 import time
@@ -25,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable
 
-from . import hfcache, hub
+from . import blobs, hfcache, hub
 from .errors import RouterError
 from .events import Events
 from .sizes import size_text
@@ -39,9 +36,7 @@ AT_ONCE = 2  # downloads running together; the rest wait their turn, listed as d
 ATTEMPTS = 5  # per file, each resuming where the last one stopped
 RETRY_AFTER = (1, 2, 4, 8)  # seconds before the 2nd, 3rd ... attempt
 PROGRESS_EVERY = 0.1  # seconds between download_progress events of one download
-CHUNK = 1 << 20
 AHEAD = 4  # chunks read from the network while earlier ones are written
-PARTIAL = ".downloadInProgress"
 
 
 class Failed(Exception):
@@ -77,65 +72,6 @@ class Download:
         """llama.cpp's download_progress data (bytes per file URL), with the totals beside it."""
         per_url = {self.plan.url(f): {"done": self.done.get(f.path, 0), "total": f.size} for f in self.plan.files}
         return {"progress": per_url, "done": self.bytes_done, "total": self.plan.total}
-
-
-class _Hasher:
-    """The hash the hub lists for a file: SHA-256 of an LFS file, git's SHA-1 of any other."""
-
-    def __init__(self, file: hub.RemoteFile):
-        self.file = file
-        self.reset()
-
-    def reset(self) -> None:
-        if self.file.sha256:
-            self._hash = hashlib.sha256()
-        else:
-            self._hash = hashlib.sha1()
-            self._hash.update(b"blob %d\0" % self.file.size)
-
-    def update(self, data: bytes) -> None:
-        self._hash.update(data)
-
-    def matches(self) -> str | None:
-        """None if the bytes hash to the listed oid, else what they hash to."""
-        got = self._hash.hexdigest()
-        return None if got == self.file.oid else got
-
-
-def _free_space(path: Path) -> int:
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
-def _partial_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def _link(target: Path, link: Path) -> None:
-    """`link` -> `target`, relative as llama.cpp makes it, replacing what was there in one step."""
-    link.parent.mkdir(parents=True, exist_ok=True)
-    fresh = link.with_name(_own_temporary(link.name))
-    fresh.unlink(missing_ok=True)
-    fresh.symlink_to(os.path.relpath(target, link.parent))
-    os.replace(fresh, link)
-
-
-def _write_ref(repo: Path, commit: str) -> None:
-    ref = repo / "refs" / "main"
-    ref.parent.mkdir(parents=True, exist_ok=True)
-    fresh = ref.with_name(_own_temporary("main"))
-    fresh.write_text(commit)
-    os.replace(fresh, ref)
-
-
-def _own_temporary(name: str) -> str:
-    """A name no other writer of the same file uses (two downloads of one repository place their
-    links at once; llama.cpp writes `NAME.tmp`)."""
-    return f".{name}.{os.getpid()}-{threading.get_ident()}.tmp"
 
 
 class Ledger:
@@ -195,7 +131,7 @@ class Downloads:
         if name in self.active:  # asked for twice while the hub was asked
             raise RouterError(400, f"model '{name}' is already downloading")
         need = self._still_needed(plan) + sum(self._still_needed(d.plan) for d in self.active.values())
-        free = _free_space(self.cache)
+        free = blobs.free_space(self.cache)
         if need > free:
             raise RouterError(507, f"{name} needs {size_text(self._still_needed(plan))} more on the disk of "
                                    f"{self.cache}, which has {size_text(free)} free"
@@ -222,7 +158,7 @@ class Downloads:
         return await hub.plan(self._session(), name)
 
     def _still_needed(self, plan: hub.Plan) -> int:
-        return sum(max(f.size - _partial_size(self._partial(plan, f)), 0) for f in plan.files
+        return sum(max(f.size - blobs.partial_size(self._partial(plan, f)), 0) for f in plan.files
                    if not self._blob(plan, f).exists())
 
     async def presets(self, repo_id: str) -> Path:
@@ -279,7 +215,7 @@ class Downloads:
 
     def _partial(self, plan: hub.Plan, file: hub.RemoteFile) -> Path:
         blob = self._blob(plan, file)
-        return blob.with_name(blob.name + PARTIAL)
+        return blob.with_name(blob.name + blobs.PARTIAL)
 
     async def _run(self, download: Download) -> None:
         name, plan = download.name, download.plan
@@ -308,8 +244,11 @@ class Downloads:
                 del self.active[name]
                 if self.ledger:
                     await self.ledger.remove(name)
-        if error is not None:  # nothing of it stays: neither its partial files nor the files no link names
-            await asyncio.to_thread(_remove, download.opened + download.fetched)
+        if error is not None:  # nothing of it stays: its partial files, and the files it fetched that nothing uses
+            # (another download may have found one of them there and counted on it)
+            wanted = {self._blob(d.plan, f) for d in self.active.values() for f in d.plan.files}
+            await asyncio.to_thread(blobs.clean, hfcache.repo_folder(self.cache, plan.repo), download.opened,
+                                    [b for b in download.fetched if b not in wanted])
             log.error("model %s: download failed: %s", name, error)
             self.events.publish("download_failed", name, {"error": error})
             return
@@ -336,8 +275,8 @@ class Downloads:
         blob, partial = self._blob(plan, file), self._partial(plan, file)
         blob.parent.mkdir(parents=True, exist_ok=True)
         download.opened.append(partial)
-        hasher = _Hasher(file)
-        have = await loop.run_in_executor(disk, _hash_existing, partial, hasher, download.stop)
+        hasher = blobs.Hasher(file)
+        have = await loop.run_in_executor(disk, blobs.hash_existing, partial, hasher, download.stop)
         download.done[file.path] = have
         url = plan.url(file)
         for attempt in range(ATTEMPTS):
@@ -349,12 +288,12 @@ class Downloads:
                 if attempt == ATTEMPTS - 1:
                     raise Failed(f"{file.path}: {exc or type(exc).__name__} ({ATTEMPTS} attempts)") from None
                 wait = RETRY_AFTER[min(attempt, len(RETRY_AFTER) - 1)]
-                have = download.done[file.path] = _partial_size(partial)
+                have = download.done[file.path] = blobs.partial_size(partial)
                 log.warning("model %s: %s: %s; resuming in %d s from %s", download.name, file.path,
                             exc or type(exc).__name__, wait, size_text(have))
                 await asyncio.sleep(wait)
         # The size on disk, not the count of bytes received: another writer (llama.cpp's -hf) may share the file.
-        have = _partial_size(partial)
+        have = blobs.partial_size(partial)
         if have != file.size:
             raise Failed(f"{file.path}: {size_text(have)} in the partial file where the hub lists "
                          f"{size_text(file.size)}")
@@ -366,7 +305,7 @@ class Downloads:
         download.fetched.append(blob)
 
     async def _attempt(self, download: Download, file: hub.RemoteFile, url: str, partial: Path,
-                       hasher: _Hasher, have: int, disk: ThreadPoolExecutor) -> int:
+                       hasher: blobs.Hasher, have: int, disk: ThreadPoolExecutor) -> int:
         """One GET, from byte `have` on; returns the bytes the partial file holds after it."""
         loop = asyncio.get_running_loop()
         headers = hub.headers() | ({"Range": f"bytes={have}-"} if have else {})
@@ -381,7 +320,7 @@ class Downloads:
                 if reply.status == 206:
                     raise Dropped(f"the hub sent {reply.headers.get('Content-Range')!r} for bytes={have}-")
                 have = 0
-                await loop.run_in_executor(disk, _truncate, partial, hasher)
+                await loop.run_in_executor(disk, blobs.truncate, partial, hasher)
             out = await loop.run_in_executor(disk, open, partial, "ab")
             pending: list[asyncio.Future] = []
             held: list[bytes] = []  # what came since the last write: written a CHUNK at a time
@@ -394,8 +333,8 @@ class Downloads:
                     held.append(chunk)
                     held_bytes += len(chunk)
                     have += len(chunk)
-                    if held_bytes >= CHUNK:
-                        pending.append(loop.run_in_executor(disk, _append, out, hasher, b"".join(held)))
+                    if held_bytes >= blobs.CHUNK:
+                        pending.append(loop.run_in_executor(disk, blobs.append, out, hasher, b"".join(held)))
                         held, held_bytes = [], 0
                         if len(pending) >= AHEAD:
                             await pending.pop(0)
@@ -405,7 +344,7 @@ class Downloads:
                         self.events.publish("download_progress", download.name, download.event())
             finally:
                 if held:  # what came before a drop is kept: the resume starts after it
-                    pending.append(loop.run_in_executor(disk, _append, out, hasher, b"".join(held)))
+                    pending.append(loop.run_in_executor(disk, blobs.append, out, hasher, b"".join(held)))
                 # After every append queued before it (one disk thread): the file and the hash agree.
                 await loop.run_in_executor(disk, out.close)
                 for future in pending:
@@ -420,36 +359,8 @@ class Downloads:
         a scan never sees it before its parts and mmproj), then refs/main."""
         repo = hfcache.repo_folder(self.cache, plan.repo)
         for file in reversed(plan.files):
-            _link(self._blob(plan, file), repo / "snapshots" / plan.commit / file.path)
-        _write_ref(repo, plan.commit)
-
-
-def _remove(paths: list[Path]) -> None:
-    for path in paths:
-        path.unlink(missing_ok=True)
-
-
-def _hash_existing(partial: Path, hasher: _Hasher, stop: threading.Event) -> int:
-    """The bytes a partial file already holds, fed to `hasher`: where a resume starts. `stop`
-    ends it early (a cancel, a stop), so the disk thread is free at once."""
-    try:
-        with open(partial, "rb") as f:
-            while not stop.is_set() and (chunk := f.read(CHUNK)):
-                hasher.update(chunk)
-            return f.tell()
-    except FileNotFoundError:
-        return 0
-
-
-def _append(out, hasher: _Hasher, chunk: bytes) -> None:
-    out.write(chunk)
-    hasher.update(chunk)
-
-
-def _truncate(partial: Path, hasher: _Hasher) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.truncate(partial, 0)
-    hasher.reset()
+            blobs.link(self._blob(plan, file), repo / "snapshots" / plan.commit / file.path)
+        blobs.write_ref(repo, plan.commit)
 
 
 def fetch_presets(cache: Path, repo_id: str) -> Path:
