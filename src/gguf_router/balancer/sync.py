@@ -47,6 +47,9 @@ class Sync:
         self.runtime = RuntimeAPI(settings.runtime_socket)
         self.followers: list[Follower] = []
         self._changed = asyncio.Event()
+        # The models HAProxy routes now (the map it was last given): the list names no model before
+        # a request for it can be routed. (HAProxy started before a push may hold an older file.)
+        self._routed: dict[str, str] = {}
 
     def hosts(self):
         return [follower.models for follower in self.followers]
@@ -99,6 +102,7 @@ class Sync:
                     log.info("map: %d models and aliases on %d hosts", len(written),
                              sum(1 for h in self.hosts() if h.reachable))
                     pushed, failing = written, False
+                    self._routed = written
                 except (OSError, asyncio.TimeoutError, HAProxyError) as exc:
                     # HAProxy not running (yet): it reads the file when it starts. Said once per outage.
                     (log.debug if failing else log.warning)(
@@ -123,7 +127,8 @@ class Sync:
     async def models(self, request: web.Request) -> web.Response:
         if self.keys and self.keyring.find(given_key(request)) is None:
             return _error(RouterError(401, "Invalid API Key", "authentication_error"))
-        return web.json_response({"object": "list", "data": listing(self.hosts())})
+        routed = self._routed
+        return web.json_response({"object": "list", "data": [m for m in listing(self.hosts()) if m["id"] in routed]})
 
 
 def main(settings: BalancerSettings) -> None:
