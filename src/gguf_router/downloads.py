@@ -130,10 +130,10 @@ class Downloads:
                                    f"router with --hf-repo {plan.repo} to use them")
         if name in self.active:  # asked for twice while the hub was asked
             raise RouterError(400, f"model '{name}' is already downloading")
-        need = self._still_needed(plan) + sum(self._still_needed(d.plan) for d in self.active.values())
+        own = self._still_needed(plan)
         free = blobs.free_space(self.cache)
-        if need > free:
-            raise RouterError(507, f"{name} needs {size_text(self._still_needed(plan))} more on the disk of "
+        if own + sum(self._still_needed(d.plan) for d in self.active.values()) > free:
+            raise RouterError(507, f"{name} needs {size_text(own)} more on the disk of "
                                    f"{self.cache}, which has {size_text(free)} free"
                                    + (" beside the downloads under way" if self.active else "")
                                    + ": nothing was downloaded")
