@@ -19,7 +19,7 @@ from sanic.http import Stage
 from sanic.server.protocols.http_protocol import HttpProtocol
 from sanic.response import file, json as json_response
 
-from . import api, routing
+from . import api, routing, streams
 from .access import Level, check_routes, cors_headers, cors_preflight, guard, refused
 from .errors import RouterError, shown
 from .refusals import http_error
@@ -183,6 +183,7 @@ def create_app(settings: Settings, reload_settings: Callable[[], Settings] | Non
     app.on_response(cors_headers)
     app.blueprint(api.bp)
     app.blueprint(routing.bp)
+    app.blueprint(streams.bp)
     # Two routes of ours rather than app.static: Sanic reads a static handler's source to guess its
     # error format, 20 ms of start-up; the page is three known files anyway.
     app.add_route(page, "/", name="page", error_format="json", ctx_access=Level.PUBLIC)

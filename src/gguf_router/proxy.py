@@ -14,6 +14,7 @@ import logging
 import aiohttp
 from aiohttp.client_exceptions import UnixClientConnectorError
 from sanic import Request
+from sanic.exceptions import RequestCancelled
 from sanic.response import HTTPResponse
 
 from .errors import RouterError
@@ -94,9 +95,10 @@ def _refused_by_child(model: Serving, body: bytes) -> RouterError:
     return RouterError(400, f"model '{model.id}' could not process the request: {message}")
 
 
-async def forward(request: Request, session: aiohttp.ClientSession, model: Serving,
-                  meter: Meter) -> tuple[HTTPResponse | None, int]:
-    """The response (None once streamed) and its status; `meter` sees every byte of the answer."""
+async def forward(request: Request, session: aiohttp.ClientSession, model: Serving | ModelView,
+                  meter: Meter, detached: bool = False) -> tuple[HTTPResponse | None, int]:
+    """The response (None once streamed) and its status; `meter` sees every byte of the answer.
+    `detached` (a resumable stream): a stream is read to its end even once the client has left."""
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
     # The path as the route declares it (`/v1/chat/completions/` reached the same route).
     path = request.route.uri if not request.match_info else request.path.rstrip("/")
@@ -120,17 +122,18 @@ async def forward(request: Request, session: aiohttp.ClientSession, model: Servi
                 raise _refused_by_child(model, body)
             meter.feed(body)
             return HTTPResponse(body, status=upstream.status, headers=out_headers), upstream.status
-        response = await request.respond(status=upstream.status, headers=out_headers)
+        client = _Client(request, detached)
+        await client.start(upstream.status, out_headers)
         meter.stream = True
         try:
             async for chunk in upstream.content.iter_any():
                 meter.feed(chunk)
-                await response.send(chunk)
+                await client.send(chunk)
         except aiohttp.ClientError as exc:
             # Headers are gone already: end the stream with an error event and without [DONE].
             log.warning("model %s: stream broken: %s", model.id, exc)
-            await response.send(_stream_error(model, exc))
-        await response.eof()
+            await client.send(_stream_error(model, exc))
+        await client.eof()
         return None, upstream.status
     except asyncio.CancelledError:
         # The client went away: closing the connection tells llama-server to stop generating.
@@ -138,3 +141,40 @@ async def forward(request: Request, session: aiohttp.ClientSession, model: Servi
         raise
     finally:
         upstream.release()
+
+
+class _Client:
+    """The client's end of a stream. Attached (the default), its leaving cancels the request;
+    detached, what it no longer reads is dropped and the child's stream read to its end."""
+
+    def __init__(self, request: Request, detached: bool) -> None:
+        self.request, self.detached, self.response = request, detached, None
+
+    def _gone(self) -> bool:
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
+
+    async def start(self, status: int, headers: dict[str, str]) -> None:
+        if not (self.detached and self._gone()):
+            self.response = await self._guarded(self.request.respond(status=status, headers=headers))
+
+    async def send(self, chunk: bytes) -> None:
+        if self.response is not None:
+            await self._guarded(self.response.send(chunk))
+
+    async def eof(self) -> None:
+        if self.response is not None:
+            await self._guarded(self.response.eof())
+
+    async def _guarded(self, sending):
+        if not self.detached:
+            return await sending
+        if self._gone():
+            sending.close()
+            self.response = None
+            return None
+        try:
+            return await sending
+        except RequestCancelled:  # it left while this was sent
+            self.response = None
+            return None

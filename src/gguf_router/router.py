@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 from . import hfcache, tls
 from .catalog import build
 from .config import load_config
+from .conversations import Conversations
 from .discovery import Discovery
 from .events import Events
 from .errors import RouterError
@@ -80,6 +81,7 @@ class Router:
         self._hub_session: aiohttp.ClientSession | None = None
         self._downloads: Downloads | None = None
         self.quotas = Quotas()
+        self.conversations = Conversations()  # resumable streams: which child holds each
         self.usage = open_usage(settings.state_dir / USAGE_FILE)
         self.notifier = Notifier()
         self.watcher = Watcher(lambda: self.poke(False), lambda: self.poke(True))

@@ -9,9 +9,10 @@ import time
 from sanic import Blueprint, Request
 
 from .access import Level, inference
+from .conversations import Conversation
 from .errors import RouterError, model_not_found
 from .keys import ANONYMOUS
-from .parse import add_routes, autoload, body_model, query_model
+from .parse import add_routes, autoload, body_model, json_body, query_model
 from .refusals import http_error
 from .scheduling import FAKE_TIMING
 from .scheduling.records import Refused
@@ -61,28 +62,67 @@ def scoped(request: Request, name: str) -> str:
     return model_id
 
 
+def resumable(request: Request) -> str | None:
+    """The conversation id of a streamed POST that asks to be resumable (llama.cpp's
+    `X-Conversation-Id`): its generation goes on when its client leaves, for GET /v1/stream."""
+    conv_id = request.headers.get("x-conversation-id")
+    if not conv_id or request.method != "POST" or request.content_type.startswith("multipart/"):
+        return None
+    return conv_id if json_body(request).get("stream") is True else None
+
+
 async def serve(request: Request, name: str):
     """Forwards the request to the model's child, loading it first if need be (and allowed),
     within its key's quotas; what it used is counted for the key once it has ended."""
     request.ctx.model_id = name  # (counted by /metrics as the model it names, or "unknown")
     model_id = request.ctx.model_id = scoped(request, name)
     router = request.app.ctx.router
-    # aiohttp is imported with the first forwarded request, not before the router serves.
-    from .proxy import forward
-
     key = request.ctx.key
     try:
         router.quotas.reserve(key, time.monotonic())  # before it may wait: no key holds the queue beyond its share
     except RouterError as refused:
         router.usage.add(key.name, model_id, refused.status, 0, 0, 0.0)  # throttling shows in usage and metrics
         raise
+    if (conv_id := resumable(request)) is None:
+        return await _served(request, model_id, None)
+    # Entered before it may wait, so a GET finds it loading and a DELETE can stop it there.
+    conversation = router.conversations.remember(conv_id, model_id, key.name if key else None, time.monotonic())
+    work = asyncio.ensure_future(_served(request, model_id, conversation))
+    work.add_done_callback(_seen)
+    # The client leaving cancels this handler, not the work: the model still loads and the
+    # child generates to the end, into the session a GET /v1/stream replays.
+    return await asyncio.shield(work)
+
+
+def _seen(work: asyncio.Task) -> None:
+    # A detached request's error has no one to go to; its line in the log is written already.
+    if not work.cancelled():
+        work.exception()
+
+
+async def _served(request: Request, model_id: str, conversation: Conversation | None):
+    router, key = request.app.ctx.router, request.ctx.key
+    # aiohttp is imported with the first forwarded request, not before the router serves.
+    from .proxy import forward
+
     began, meter, code = time.monotonic(), Meter(counted=not request.path.rstrip("/").endswith(UNCOUNTED)), 500
     try:
-        model = await router.scheduler.acquire(model_id, autoload(request))
         try:
+            if conversation is not None:
+                if conversation.stopped:  # by a DELETE before this began
+                    raise asyncio.CancelledError
+                conversation.stop = asyncio.current_task().cancel
+            model = await router.scheduler.acquire(model_id, autoload(request))
+        except asyncio.CancelledError:
+            if conversation is not None and conversation.stopped:
+                raise RouterError(400, "request cancelled by a stop while the model was loading") from None
+            raise
+        try:
+            if conversation is not None:
+                conversation.stop, conversation.generation = None, model.generation
             if FAKE_TIMING:
                 await asyncio.sleep(FAKE_TIMING)
-            response, code = await forward(request, router.session, model, meter)
+            response, code = await forward(request, router.session, model, meter, detached=conversation is not None)
             return response
         finally:
             router.scheduler.release(model)
@@ -97,6 +137,8 @@ async def serve(request: Request, name: str):
         raise
     finally:
         used, now = meter.used(), time.monotonic()
+        if conversation is not None:
+            conversation.ended = now
         router.quotas.release(key, used.total, now)
         router.usage.add(key.name if key else ANONYMOUS, model_id, code, used.prompt, used.completion, now - began)
         if key is not None:  # who asked what, in one line: never the key, never the prompt
