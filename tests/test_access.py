@@ -13,7 +13,7 @@ import pytest
 from sanic import Sanic
 
 from gguf_router.app import create_app
-from gguf_router.settings import Settings
+from gguf_router.settings import default_ui_path, Settings
 
 Sanic.test_mode = True  # several apps of one name in one process
 
@@ -25,7 +25,9 @@ CALLERS = {"no key": {}, "inference key": {"Authorization": f"Bearer {USER}"}, "
 ADMIN_ROUTES = {("POST", "/models/load"), ("POST", "/models/unload"), ("POST", "/models/reload"),
                 ("GET", "/models/logs"), ("GET", "/usage"), ("DELETE", "/models"), ("DELETE", "/v1/models"), ("POST", "/models"),
                 ("POST", "/v1/models"), ("POST", "/slots/<slot_id:int>"), ("POST", "/props"), ("POST", "/lora-adapters")}
-PUBLIC_ROUTES = {("GET", "/health"), ("GET", "/v1/health"), ("GET", "/"), ("GET", "/ui/<name:str>")}
+# The pages (the status page and llama.cpp's web UI, its files as the build made them) are open.
+PUBLIC_ROUTES = {("GET", "/health"), ("GET", "/v1/health"), ("GET", "/"), ("GET", "/status"), ("GET", "/ui/<name:str>")}
+PUBLIC_ROUTES |= {("GET", f"/{f.name}" + ("/<path:path>" if f.is_dir() else "")) for f in default_ui_path().glob("*")}
 
 
 @contextlib.asynccontextmanager
@@ -50,6 +52,9 @@ async def serving(tmp_path: Path, llama_server: Path, models_dir: Path, **settin
 def spellings(uri: str) -> list[str]:
     """The route's path and the other ways a client may write it."""
     path = uri.replace("<slot_id:int>", "0").replace("<name:str>", "app.js")
+    if path.endswith("/<path:path>"):  # a folder of the web UI: a file in it
+        folder = default_ui_path() / path.split("/")[1]
+        path = "/" + min(f for f in folder.rglob("*") if f.is_file()).relative_to(default_ui_path()).as_posix()
     if path == "/":
         return [BASE + "/", BASE + "//"]
     last = path[-1]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import chat
+from conftest import BUSY_ARGS, chat
 from gguf_router.keys import section
 
 CHROMIUM = shutil.which("chromium")
@@ -37,7 +37,7 @@ def state_of(page, model: str, state: str):
 def test_the_page_lists_loads_chats_and_unloads_live_with_an_api_key(start_router, page):
     router = start_router("--api-key", "page-key", "--models-max", "2", "--memory-budget", "1G")
     router.http.headers["Authorization"] = "Bearer page-key"
-    page.goto(router.url + "/")
+    page.goto(router.url + "/status")
     # without the key the page asks for it, then works with it
     page.locator("#key-form").wait_for(state="visible")
     page.fill("#key", "page-key")
@@ -81,7 +81,7 @@ def test_the_page_shows_an_admin_the_usage_per_key_and_a_scoped_key_its_models(s
     for _ in range(3):
         assert router.http.post("/v1/chat/completions", json=chat("tiny-a"),
                                 headers={"Authorization": "Bearer sk-page-alice"}).status_code == 200
-    page.goto(router.url + "/")
+    page.goto(router.url + "/status")
     page.locator("#key-form").wait_for(state="visible")
     page.fill("#key", "sk-page-ops")
     page.click("#key-form button")
@@ -90,10 +90,44 @@ def test_the_page_shows_an_admin_the_usage_per_key_and_a_scoped_key_its_models(s
     assert [cell.inner_text() for cell in row.locator("td").all()][:3] == ["alice", "tiny-a", "3"]
 
     page.evaluate("localStorage.clear()")
-    page.goto(router.url + "/")
+    page.goto(router.url + "/status")
     page.locator("#key-form").wait_for(state="visible")
     page.fill("#key", "sk-page-alice")
     page.click("#key-form button")
     state_of(page, "tiny-a", "loaded").wait_for(timeout=30_000)
     assert page.locator("#models tbody tr").count() == 1  # only the models the key may use
     assert page.locator("#usage-section").is_hidden()
+
+
+def answer(page) -> str:
+    return page.get_by_label("Assistant message with actions").last.inner_text()
+
+
+def test_llama_cpps_web_ui_picks_a_model_streams_and_resumes_after_a_reload(start_router, page):
+    """llama.cpp's own UI (scripts/build-ui) at /: its model selector loads the model it picks,
+    the answer streams, and a page reloaded mid-answer picks the stream up again."""
+    router = start_router(*BUSY_ARGS)
+    page.goto(router.url + "/")
+    # Random weights end early, and a long answer is wanted: the UI's own "custom JSON" setting.
+    page.evaluate("""localStorage.setItem('LlamaUi.config', JSON.stringify(
+        {customJson: JSON.stringify({ignore_eos: true, max_tokens: 3000})}))""")
+    page.reload()
+    page.get_by_role("button", name="tiny-a").click()  # the selector, on the first model
+    page.get_by_role("option", name="tiny-b").click()
+    page.locator("textarea").fill("Tell me a long story")
+    page.keyboard.press("Enter")
+    page.wait_for_function("""() => [...document.querySelectorAll('[aria-label="Assistant message with actions"]')]
+        .some(e => e.innerText.trim().length > 200)""", timeout=60_000)
+    assert router.metric("gguf_router_requests_in_flight", model="tiny-b") == 1  # mid-answer
+    before = len(answer(page))
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ui-streaming.png"))
+
+    page.reload()
+    page.wait_for_function(f"""() => [...document.querySelectorAll('[aria-label="Assistant message with actions"]')]
+        .some(e => e.innerText.trim().length > {before})""", timeout=60_000)
+    router.wait_for(lambda: router.metric("gguf_router_requests_in_flight", model="tiny-b") == 0, timeout=120,
+                    what="the answer to end")
+    page.screenshot(path=str(ARTIFACTS / "ui-resumed.png"))
+    page.get_by_text(re.compile(r"\b3,?000 tokens")).wait_for(timeout=30_000)  # the whole answer, as the UI counts it
+    assert router.state("tiny-b") == "loaded" and router.state("tiny-a") == "unloaded"  # what the selector loaded

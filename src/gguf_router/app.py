@@ -8,7 +8,6 @@ import json
 import logging
 import signal
 import time
-from pathlib import Path
 from typing import Callable
 
 from sanic import Request, Sanic
@@ -17,11 +16,11 @@ from sanic.handlers import ErrorHandler
 from sanic.helpers import STATUS_CODES
 from sanic.http import Stage
 from sanic.server.protocols.http_protocol import HttpProtocol
-from sanic.response import file, json as json_response
+from sanic.response import json as json_response
 
 from . import api, routing, streams
-from .access import Level, check_routes, cors_headers, cors_preflight, guard, refused
-from .errors import RouterError, shown
+from .access import check_routes, cors_headers, cors_preflight, guard, refused
+from .errors import RouterError
 from .refusals import http_error
 from .scheduling.records import Refused
 from .metrics import count_request
@@ -29,10 +28,10 @@ from .sizes import parse_size, size_text
 from .router import Router
 from .settings import Settings
 from .shares import Shares, client_of
+from .webui import add_page_routes
 
 log = logging.getLogger(__name__)
 
-WEB = Path(__file__).parent / "web"  # the page at /: static files, no build step
 
 # Sanic's table of reason phrases lacks the one a keyless router answers other host names with.
 STATUS_CODES.setdefault(421, b"Misdirected Request")
@@ -151,17 +150,6 @@ async def wait_for_models(request: Request) -> None:
         await started.wait()
 
 
-PAGE_FILES = {path.name: path for path in WEB.iterdir() if path.is_file()}
-
-
-async def page(request: Request, name: str = "index.html"):
-    """The web page's files, by name: nothing else under /ui/ exists."""
-    path = PAGE_FILES.get(name)
-    if path is None:
-        raise RouterError(404, f"no page file '{shown(name)}'")
-    return await file(path, headers={"Cache-Control": "no-cache"})
-
-
 def create_app(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> Sanic:
     """Raises ConfigError (bad presets or child options) before anything starts."""
     app = Sanic("gguf_router", configure_logging=False, error_handler=OpenAIErrorHandler())
@@ -184,10 +172,9 @@ def create_app(settings: Settings, reload_settings: Callable[[], Settings] | Non
     app.blueprint(api.bp)
     app.blueprint(routing.bp)
     app.blueprint(streams.bp)
-    # Two routes of ours rather than app.static: Sanic reads a static handler's source to guess its
-    # error format, 20 ms of start-up; the page is three known files anyway.
-    app.add_route(page, "/", name="page", error_format="json", ctx_access=Level.PUBLIC)
-    app.add_route(page, "/ui/<name:str>", name="page_files", error_format="json", ctx_access=Level.PUBLIC)
+    # Routes of ours rather than app.static: Sanic reads a static handler's source to guess its
+    # error format, 20 ms of start-up; the files are known at start anyway.
+    add_page_routes(app, settings)
     check_routes(app)
 
     # Serving starts before the models are read: /health answers at once, and requests that need

@@ -44,8 +44,9 @@ def parser() -> argparse.ArgumentParser:
         if kind is bool:  # a switch: its flag says the opposite of the default; the other spelling is accepted
             p.add_argument(*names, dest=item.name, action="store_false" if item.default else "store_true",
                            help=meta["help"])
-            opposite = f"--{item.name.replace('_', '-')}" if item.default else f"--no-{item.name.replace('_', '-')}"
-            p.add_argument(opposite, dest=item.name, action="store_true" if item.default else "store_false",
+            opposites = [f"--{n[5:]}" for n in names if n.startswith("--no-")] if item.default \
+                else [f"--no-{item.name.replace('_', '-')}"]
+            p.add_argument(*opposites, dest=item.name, action="store_true" if item.default else "store_false",
                            help=argparse.SUPPRESS)
         elif typing.get_origin(kind) is tuple:
             p.add_argument(*names, dest=item.name, action="append", metavar=meta["metavar"], help=meta["help"])

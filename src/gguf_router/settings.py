@@ -31,6 +31,9 @@ CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "
 PACKAGED_LLAMA_SERVER = Path("/usr/lib/gguf-router/llama-server")
 # Where scripts/build-llama-server puts its build (a checkout's `scripts/dev`).
 BUILT_LLAMA_SERVER = CACHE_DIR / "llama-server-b11434" / "bin" / "llama-server"
+# llama.cpp's web UI: where the package installs it, and where scripts/build-ui builds it.
+PACKAGED_UI = Path("/usr/share/gguf-router/ui")
+BUILT_UI = CACHE_DIR / "llama-ui-b11434"
 
 
 def default_llama_server() -> Path:
@@ -39,6 +42,10 @@ def default_llama_server() -> Path:
     if found:
         return Path(found)
     return PACKAGED_LLAMA_SERVER if PACKAGED_LLAMA_SERVER.exists() else BUILT_LLAMA_SERVER
+
+
+def default_ui_path() -> Path:
+    return PACKAGED_UI if PACKAGED_UI.is_dir() else BUILT_UI
 
 
 def default_hf_cache() -> Path | None:
@@ -180,6 +187,11 @@ class Settings:
         metavar="S", low=0, above=True)
     offline: bool = setting(False, "download nothing: POST /models and gguf-router pull are refused and models load "
                                    "from the cache alone (passed on to every model)")
+    ui: bool = setting(True, "serve no web UI at / (the router's status page stays at /status)",
+                       flags=("--no-ui", "--no-webui"))
+    ui_path: Path = setting(help="folder of the web UI served at / (default: llama.cpp's UI as the package installs "
+                                 "it, /usr/share/gguf-router/ui, or as scripts/build-ui builds it)",
+                            factory=default_ui_path, flags=("--path", "--ui-path"), metavar="DIR")
     hf_cache: Path | None = setting(help="the Hugging Face cache (default as llama.cpp looks for it)",
                                     factory=default_hf_cache, flags=None)
     runtime_dir: Path | None = setting(factory=systemd_runtime_dir, flags=None)
