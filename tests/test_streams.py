@@ -107,7 +107,10 @@ def test_a_conversation_is_its_keys_alone(start_router, tmp_path):
     assert replay(r, "conv-alice", headers=carol).status_code == 404
     assert r.http.post("/v1/streams/lookup", json={"conversation_ids": ["conv-alice"]}, headers=carol).json() == []
     assert r.http.delete("/v1/stream", params={"conv_id": "conv-alice"}, headers=carol).status_code == 204
-    assert replay(r, "conv-alice", headers=alice).content == whole  # carol's stop stopped nothing
+    taken = r.http.post("/v1/chat/completions", json=streamed_chat("tiny-a", 4),
+                        headers={"X-Conversation-Id": "conv-alice", **carol})
+    assert taken.status_code == 409 and "another key's" in taken.json()["error"]["message"]
+    assert replay(r, "conv-alice", headers=alice).content == whole  # carol's stop and POST changed nothing
     assert replay(r, "conv-alice", headers=ops).content == whole  # an admin sees every one
     assert replay(r, "conv-alice").status_code == 401  # no key: not even asked
 
@@ -159,7 +162,9 @@ def test_a_new_request_under_an_id_replaces_the_one_waiting_for_its_model():
     first.stop = lambda: stopped.append("first")
     second = conversations.remember("c", "m", None, now=1.0)
     assert stopped == ["first"] and first.stopped and not second.stopped
-    assert conversations.find("c", None) is second
+    assert conversations.find("c", None, now=1.0) is second
+    assert conversations.remember("c", "m", "another key", now=2.0) is None  # not its to replace
+    assert conversations.find("c", None, now=2.0) is second and not second.stopped
 
 
 def test_where_a_stream_is():
@@ -180,10 +185,11 @@ def test_ended_conversations_are_forgotten_after_the_childs_own_sessions_are():
     old.ended = 10.0
     running = conversations.remember("running", "m", None, now=0.0)
     conversations.remember("new", "m", None, now=10.0 + KEEP_AFTER - 1)
-    assert conversations.find("old", None) is old
+    assert conversations.find("old", None, now=10.0 + KEEP_AFTER - 1) is old
+    assert conversations.find("old", None, now=10.0 + KEEP_AFTER) is None
     conversations.remember("newer", "m", None, now=10.0 + KEEP_AFTER)
-    assert conversations.find("old", None) is None
-    assert conversations.find("running", None) is running  # one still running is never dropped
+    assert len(conversations) == 3  # forgotten
+    assert conversations.find("running", None, now=1e9) is running  # one still running is never dropped
 
 
 def test_made_up_ids_cannot_grow_the_map_without_bound():
@@ -191,4 +197,5 @@ def test_made_up_ids_cannot_grow_the_map_without_bound():
     for i in range(MAX_ENTRIES + 50):
         conversations.remember(f"c{i}", "m", None, now=0.0).ended = i / 1000
     assert len(conversations) == MAX_ENTRIES
-    assert conversations.find("c0", None) is None and conversations.find(f"c{MAX_ENTRIES + 49}", None) is not None
+    assert conversations.find("c0", None, now=0.0) is None
+    assert conversations.find(f"c{MAX_ENTRIES + 49}", None, now=0.0) is not None

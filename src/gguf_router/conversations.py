@@ -61,26 +61,35 @@ class Conversations:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def remember(self, conv_id: str, model_id: str, owner: str | None, now: float) -> Conversation:
-        """A new request under `conv_id`: it replaces any earlier one, as llama-server replaces the
-        session (one conversation, one live stream), and a replaced one still waiting ends."""
-        if (old := self._by_id.pop(conv_id, None)) is not None:
-            old.end()
+    def remember(self, conv_id: str, model_id: str, owner: str | None, now: float) -> Conversation | None:
+        """A new request under `conv_id`: it replaces an earlier one of the same key, as
+        llama-server replaces the session (one conversation, one live stream), and a replaced one
+        still waiting ends. None: the id is another key's (it may neither end nor read that one)."""
         self._sweep(now)
+        if (old := self._by_id.get(conv_id)) is not None:
+            if old.owner != owner:
+                return None
+            del self._by_id[conv_id]
+            old.end()
         entry = self._by_id[conv_id] = Conversation(conv_id, model_id, owner)
         return entry
 
-    def find(self, conv_id: str, owner: str | None, admin: bool = False) -> Conversation | None:
+    def find(self, conv_id: str, owner: str | None, now: float, admin: bool = False) -> Conversation | None:
         """The entry, if the caller may see it (its owner, or an admin): for anyone else none,
         so a key learns nothing of other keys' conversations."""
         entry = self._by_id.get(conv_id)
-        return entry if entry is not None and (admin or entry.owner == owner) else None
+        return entry if entry is not None and self._shown(entry, owner, now, admin) else None
 
-    def matching(self, conv_ids: Iterable[str], owner: str | None, admin: bool = False) -> list[Conversation]:
+    def matching(self, conv_ids: Iterable[str], owner: str | None, now: float,
+                 admin: bool = False) -> list[Conversation]:
         """The entries each id names, exactly or as the "ID::" prefix the web UI adds."""
         wanted = set(conv_ids)
-        return [e for e in self._by_id.values() if (admin or e.owner == owner)
+        return [e for e in self._by_id.values() if self._shown(e, owner, now, admin)
                 and (e.id in wanted or e.id.split(SEPARATOR, 1)[0] in wanted)]
+
+    @staticmethod
+    def _shown(entry: Conversation, owner: str | None, now: float, admin: bool) -> bool:
+        return (admin or entry.owner == owner) and (entry.ended is None or entry.ended > now - KEEP_AFTER)
 
     def forget(self, entry: Conversation) -> None:
         if self._by_id.get(entry.id) is entry:

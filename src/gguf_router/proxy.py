@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp.client_exceptions import UnixClientConnectorError
@@ -80,6 +81,14 @@ class ChildConnector(aiohttp.BaseConnector):
         return proto
 
 
+async def child_request(session: aiohttp.ClientSession, method: str, url: str, **options) -> aiohttp.ClientResponse:
+    try:
+        return await session.request(method, url, **options)
+    except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
+        # A pooled connection the child closed as it was taken: once more, on a new one.
+        return await session.request(method, url, **options)
+
+
 def _stream_error(model: Serving, exc: BaseException) -> bytes:
     error = RouterError(502, f"model '{model.id}' stopped answering mid-stream: {exc or type(exc).__name__}")
     return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
@@ -96,22 +105,22 @@ def _refused_by_child(model: Serving, body: bytes) -> RouterError:
 
 
 async def forward(request: Request, session: aiohttp.ClientSession, model: Serving | ModelView,
-                  meter: Meter, detached: bool = False) -> tuple[HTTPResponse | None, int]:
+                  meter: Meter, detached: bool = False,
+                  answered: Callable[[], None] | None = None) -> tuple[HTTPResponse | None, int]:
     """The response (None once streamed) and its status; `meter` sees every byte of the answer.
-    `detached` (a resumable stream): a stream is read to its end even once the client has left."""
+    `detached` (a resumable stream): a stream is read to its end even once the client has left.
+    `answered`: called once the child's answer has begun (its headers are in)."""
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
     # The path as the route declares it (`/v1/chat/completions/` reached the same route).
     path = request.route.uri if not request.match_info else request.path.rstrip("/")
     url = session.connector.url(model, path, request.query_string)
     try:
-        try:
-            upstream = await session.request(request.method, url, data=request.body or None, headers=headers)
-        except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError):
-            # A pooled connection the child closed as it was taken: once more, on a new one.
-            upstream = await session.request(request.method, url, data=request.body or None, headers=headers)
+        upstream = await child_request(session, request.method, url, data=request.body or None, headers=headers)
     except aiohttp.ClientError as exc:
         raise RouterError(502, f"model '{model.id}' did not answer: {exc}") from exc
     try:
+        if answered is not None:
+            answered()
         out_headers = {k: v for k, v in upstream.headers.items() if _passed_back(k)}
         if not upstream.content_type.startswith("text/event-stream"):
             try:
@@ -141,6 +150,11 @@ async def forward(request: Request, session: aiohttp.ClientSession, model: Servi
         raise
     finally:
         upstream.release()
+
+
+# Seconds a resumable stream waits for its client to take a chunk: one that stays connected but
+# reads nothing (a phone asleep) is dropped, rather than holding the child's generation back.
+DETACHED_SEND_TIMEOUT = 10.0
 
 
 class _Client:
@@ -174,7 +188,7 @@ class _Client:
             self.response = None
             return None
         try:
-            return await sending
-        except RequestCancelled:  # it left while this was sent
+            return await asyncio.wait_for(sending, DETACHED_SEND_TIMEOUT)
+        except (RequestCancelled, asyncio.TimeoutError):  # it left, or stopped reading, while this was sent
             self.response = None
             return None

@@ -10,7 +10,7 @@ from sanic import Blueprint, Request
 
 from .access import Level, inference
 from .conversations import Conversation
-from .errors import RouterError, model_not_found
+from .errors import RouterError, model_not_found, shown
 from .keys import ANONYMOUS
 from .parse import add_routes, autoload, body_model, json_body, query_model
 from .refusals import http_error
@@ -62,6 +62,11 @@ def scoped(request: Request, name: str) -> str:
     return model_id
 
 
+# Seconds a resumable request whose client has left may still wait for its model (without
+# --queue-timeout, which then applies): a model that never gets a slot does not hold it forever.
+DETACHED_WAIT = 600.0
+
+
 def resumable(request: Request) -> str | None:
     """The conversation id of a streamed POST that asks to be resumable (llama.cpp's
     `X-Conversation-Id`): its generation goes on when its client leaves, for GET /v1/stream."""
@@ -75,8 +80,13 @@ async def serve(request: Request, name: str):
     """Forwards the request to the model's child, loading it first if need be (and allowed),
     within its key's quotas; what it used is counted for the key once it has ended."""
     request.ctx.model_id = name  # (counted by /metrics as the model it names, or "unknown")
-    model_id = request.ctx.model_id = scoped(request, name)
     router = request.app.ctx.router
+    if name in router.unfetched and visible(request, name):
+        if not autoload(request):
+            raise RouterError(400, f"model '{shown(name)}' is not downloaded yet: load it (POST /models/load), "
+                                   "or ask with ?autoload=true")
+        await router.fetch_first(name)
+    model_id = request.ctx.model_id = scoped(request, name)
     key = request.ctx.key
     try:
         router.quotas.reserve(key, time.monotonic())  # before it may wait: no key holds the queue beyond its share
@@ -87,17 +97,29 @@ async def serve(request: Request, name: str):
         return await _served(request, model_id, None)
     # Entered before it may wait, so a GET finds it loading and a DELETE can stop it there.
     conversation = router.conversations.remember(conv_id, model_id, key.name if key else None, time.monotonic())
+    if conversation is None:
+        router.quotas.release(key, 0, time.monotonic())
+        raise RouterError(409, f"conversation id '{shown(conv_id)}' is another key's: send a new one")
     work = asyncio.ensure_future(_served(request, model_id, conversation))
     work.add_done_callback(_seen)
     # The client leaving cancels this handler, not the work: the model still loads and the
     # child generates to the end, into the session a GET /v1/stream replays.
-    return await asyncio.shield(work)
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        if conversation.generation is None and not work.done():
+            # No client ends its wait now: it ends on its own if no slot comes in time.
+            asyncio.get_running_loop().call_later(
+                router.settings.queue_timeout or DETACHED_WAIT,
+                lambda: conversation.end() if conversation.generation is None else None)
+        raise
 
 
 def _seen(work: asyncio.Task) -> None:
-    # A detached request's error has no one to go to; its line in the log is written already.
-    if not work.cancelled():
-        work.exception()
+    # A detached request's error may have no one to go to: it goes to the log (the handler, if
+    # still there, tells the client too).
+    if not work.cancelled() and (exc := work.exception()) is not None:
+        log.warning("resumable request ended: %s", exc.message if isinstance(exc, RouterError) else repr(exc))
 
 
 async def _served(request: Request, model_id: str, conversation: Conversation | None):
@@ -115,14 +137,18 @@ async def _served(request: Request, model_id: str, conversation: Conversation | 
             model = await router.scheduler.acquire(model_id, autoload(request))
         except asyncio.CancelledError:
             if conversation is not None and conversation.stopped:
-                raise RouterError(400, "request cancelled by a stop while the model was loading") from None
+                raise _stopped_while_loading() from None
             raise
         try:
             if conversation is not None:
+                if conversation.stopped:  # stopped as its wait ended, too late to cancel it
+                    raise _stopped_while_loading()
                 conversation.stop, conversation.generation = None, model.generation
             if FAKE_TIMING:
                 await asyncio.sleep(FAKE_TIMING)
-            response, code = await forward(request, router.session, model, meter, detached=conversation is not None)
+            answered = None if conversation is None else lambda: _stop_if_stopped(router, model, conversation)
+            response, code = await forward(request, router.session, model, meter, detached=conversation is not None,
+                                           answered=answered)
             return response
         finally:
             router.scheduler.release(model)
@@ -144,6 +170,19 @@ async def _served(request: Request, model_id: str, conversation: Conversation | 
         if key is not None:  # who asked what, in one line: never the key, never the prompt
             log.info("key %s: %s %s model %s -> %d, %d+%d tokens, %.3f s", key.name, request.method, request.path,
                      model_id, code, used.prompt, used.completion, now - began)
+
+
+def _stop_if_stopped(router, model, conversation: Conversation) -> None:
+    """A Stop that came after the request went to the child but before the child had the
+    conversation's session (its answer not begun) stopped nothing there: it is sent again."""
+    if conversation.stopped:
+        from .streams import stop_on_child
+
+        router.spawn(lambda: stop_on_child(router.session, model, conversation))
+
+
+def _stopped_while_loading() -> RouterError:
+    return RouterError(400, "request cancelled by a stop while the model was loading")
 
 
 async def post_by_body(request: Request, slot_id: int | None = None):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from urllib.parse import urlencode
 
 from sanic import Blueprint, Request
 from sanic.response import empty, json as json_response
@@ -24,7 +26,7 @@ from .tokens import Meter
 bp = Blueprint("streams")
 log = logging.getLogger(__name__)
 
-LOOKUP_TIMEOUT = 2.0  # seconds a child has to answer a lookup (llama.cpp's router gives 0.25)
+LOOKUP_TIMEOUT = 2.0  # seconds a child has to answer a lookup or a stop (llama.cpp's router gives 0.25)
 
 def not_found() -> RouterError:
     return RouterError(404, "Stream not found or expired")
@@ -39,7 +41,7 @@ def _conv_id(request: Request) -> str:
 
 def _mine(request: Request, conv_id: str) -> Conversation | None:
     key = request.ctx.key
-    return request.app.ctx.router.conversations.find(conv_id, key.name if key else None,
+    return request.app.ctx.router.conversations.find(conv_id, key.name if key else None, time.monotonic(),
                                                       request.ctx.level is Level.ADMIN)
 
 
@@ -79,13 +81,21 @@ async def stream_delete(request: Request):
     where, view = _where(request, entry)
     entry.end()
     if where is Where.READY:
-        from .proxy import forward
-
-        try:
-            await forward(request, router.session, view, Meter(counted=False))
-        except RouterError as exc:  # the child is going anyway, or gone: nothing left to stop
-            log.warning("conversation stop: model %s: %s", entry.model_id, exc.message)
+        await stop_on_child(router.session, view, entry)
     return empty(204)
+
+
+async def stop_on_child(session, serving, entry: Conversation) -> None:
+    """The child's own Stop for the conversation: its generation ends (the child keeps nothing)."""
+    import aiohttp
+
+    from .proxy import child_request
+
+    url = session.connector.url(serving, "/v1/stream", urlencode({"conv_id": entry.id}))
+    try:
+        (await child_request(session, "DELETE", url, timeout=aiohttp.ClientTimeout(total=LOOKUP_TIMEOUT))).release()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # the child is going anyway, or gone
+        log.warning("conversation stop: model %s did not answer: %s", entry.model_id, exc or type(exc).__name__)
 
 
 async def stream_lookup(request: Request):
@@ -96,7 +106,8 @@ async def stream_lookup(request: Request):
         raise bad_request("conversation_ids must be a list of strings")
     key, router = request.ctx.key, request.app.ctx.router
     entries = router.conversations.matching([i for i in ids if isinstance(i, str) and i],
-                                            key.name if key else None, request.ctx.level is Level.ADMIN)
+                                            key.name if key else None, time.monotonic(),
+                                            request.ctx.level is Level.ADMIN)
     by_child: dict[tuple[str, int], tuple[object, list[str]]] = {}
     for entry in entries:
         where, view = _where(request, entry)
@@ -110,10 +121,12 @@ async def _lookup(session, view, asked: list[str]) -> list[dict]:
     """The child's sessions among `asked` (only those: it also matches prefixes, across keys)."""
     import aiohttp
 
+    from .proxy import child_request
+
     url = session.connector.url(view, "/v1/streams/lookup")
     try:
-        async with session.post(url, json={"conversation_ids": asked},
-                                timeout=aiohttp.ClientTimeout(total=LOOKUP_TIMEOUT)) as upstream:
+        async with await child_request(session, "POST", url, json={"conversation_ids": asked},
+                                       timeout=aiohttp.ClientTimeout(total=LOOKUP_TIMEOUT)) as upstream:
             found = await upstream.json(content_type=None) if upstream.status == 200 else []
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
         log.warning("stream lookup: model %s did not answer: %s", view.id, exc or type(exc).__name__)

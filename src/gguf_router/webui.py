@@ -66,8 +66,8 @@ def add_page_routes(app: Sanic, settings: Settings) -> None:
     # A route for each top-level file and folder of the build: the UI's own paths, and no
     # catch-all that would answer for paths the API does not have.
     app.add_route(ui_file, "/", name="ui_index", error_format="json", ctx_access=Level.PUBLIC)
-    for entry in sorted(root.iterdir()):
-        name = "ui_" + entry.name.replace(".", "_").replace("-", "_")
+    for number, entry in enumerate(sorted(root.iterdir())):
+        name = f"ui_{number}"  # (Sanic wants a name per route; the file's might clash)
         if entry.is_dir():
             async def in_folder(request: Request, path: str, _folder: str = entry.name):
                 return await ui_file(request, f"{_folder}/{path}")
