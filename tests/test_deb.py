@@ -76,6 +76,9 @@ def test_install_serves_with_a_key_then_tls_upgrade_keeps_key_and_model_purge_le
         url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=120) as anyone:
             assert anyone.get("/health").status_code == 200
+            # llama.cpp's web UI at /, as the package installed it; the status page at /status.
+            assert anyone.get("/build.json").json() == {"version": "b11434"} and "_app/" in anyone.get("/").text
+            assert "gguf-router status" in anyone.get("/status").text
             refused = anyone.post("/v1/chat/completions", json=capital_question(MODEL))
             assert refused.status_code == 401 and refused.json()["error"]["type"] == "authentication_error"
         with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {api_key}"}) as http:

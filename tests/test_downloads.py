@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -276,3 +277,22 @@ def test_pull_downloads_through_the_router_or_by_itself(start, hub, cache, tmp_p
     failed = subprocess.run(pull + ["--url", free, "org/tiny-GGUF:Q2_K"], env=env, capture_output=True, text=True,
                             timeout=60)
     assert failed.returncode != 0 and "Q2_K" in failed.stderr
+
+
+def test_a_presets_hf_repo_not_cached_is_downloaded_on_its_first_load(start, hub, cache, tmp_path):
+    presets = tmp_path / "presets.ini"
+    presets.write_text(f"[story]\nhf-repo = {NAME}\n\n[missing]\nhf-repo = org/no-such-GGUF\n")
+    r = start("--models-preset", str(presets), "-c", "256")
+    listed = r.models()
+    assert listed["story"]["status"] == {"value": "unloaded", "hf_repo": NAME}  # listed before it is fetched
+    assert not (cache / "models--org--tiny-GGUF").exists()
+
+    with ThreadPoolExecutor(2) as pool:  # two first requests: one download, both answered
+        answers = list(pool.map(lambda _: r.http.post("/v1/chat/completions", json=chat("story")), range(2)))
+    assert [a.status_code for a in answers] == [200, 200]
+    assert len(hub.ranges) == 1  # the model file, fetched once
+    assert r.state("story") == "loaded" and (cache / "models--org--tiny-GGUF" / "refs" / "main").is_file()
+
+    refused = r.http.post("/v1/chat/completions", json=chat("missing"))  # the hub has no such repository
+    assert refused.status_code == 404 and "org/no-such-GGUF" in refused.json()["error"]["message"]
+    assert r.http.post("/v1/chat/completions", json=chat("story")).status_code == 200  # nothing else changed

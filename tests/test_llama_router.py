@@ -1,5 +1,5 @@
-"""llama.cpp's own router-mode tests (tools/server/tests/unit/test_router.py and test_stream.py,
-b11434) against gguf-router.
+"""llama.cpp's own router-mode tests (tools/server/tests/unit/test_router.py, test_stream.py and
+the router cases of test_security.py, b11434) against gguf-router.
 
 The suite starts "llama-server" with router flags (--models-max, --no-models-autoload,
 --models-preset, --api-key, and child options such as -c, --parallel, --offline); here that
@@ -47,7 +47,17 @@ TESTS = [
     # tools/server/tests/unit/test_stream.py: resumable streams in router mode
     "test_stream_resume_and_stop_with_slashed_model_name", "test_stream_stop_during_model_load",
     "test_stream_resumes_after_reload_during_model_load",
+    # tools/server/tests/unit/test_security.py, its router cases: CORS, with llama.cpp's keyword
+    *(f"test_cors_origins_localhost_reflects[{origin}]" for origin in (
+        "http://localhost", "http://localhost:8080", "http://127.0.0.1", "http://127.0.0.1:3000", "http://[::1]",
+        "http://[::1]:3000")),
+    *(f"test_cors_origins_localhost_rejects[{origin}]" for origin in (
+        "http://web.mydomain.fr", "http://evil.com", "http://notlocalhost", "http://localhost.evil.com")),
+    "test_cors_origins_defaults_to_localhost_with_tools_enabled",
 ]
+ROUTER_SECURITY = ("unit/test_security.py::test_cors_origins_localhost_reflects",
+                   "unit/test_security.py::test_cors_origins_localhost_rejects",
+                   "unit/test_security.py::test_cors_origins_defaults_to_localhost_with_tools_enabled")
 
 
 @pytest.fixture(scope="session")
@@ -115,7 +125,7 @@ def test_llama_cpp_router_suite_passes(llama_suite, llama_server, tmp_path, hub)
     env = {**os.environ, "LLAMA_SERVER_BIN_PATH": str(wrapper), "PORT": str(free_port()),
            "LLAMA_CACHE": str(hf_cache(tmp_path / "hf")), "PYTHONPATH": str(Path(__file__).parent),
            "MODEL_ENDPOINT": hub.url}
-    run = subprocess.run([sys.executable, "-m", "pytest", "unit/test_router.py", "unit/test_stream.py", "-p", "llama_conformance",
+    run = subprocess.run([sys.executable, "-m", "pytest", "unit/test_router.py", "unit/test_stream.py", *ROUTER_SECURITY, "-p", "llama_conformance",
                           "-p", "no:cacheprovider", "-q", "-rA", f"--junitxml={report}"],
                          cwd=work, env=env, capture_output=True, text=True, timeout=900)
 
@@ -123,7 +133,7 @@ def test_llama_cpp_router_suite_passes(llama_suite, llama_server, tmp_path, hub)
     for case in ET.parse(report).getroot().iter("testcase"):
         outcome = next((child for child in case if child.tag in ("failure", "error", "skipped")), None)
         results[case.get("name")] = ("passed", "") if outcome is None else (outcome.tag, outcome.get("message", ""))
-    print("\nllama.cpp b11434 tools/server/tests/unit/test_router.py and test_stream.py against gguf-router:")
+    print("\nllama.cpp b11434's router-mode tests (tools/server/tests/unit) against gguf-router:")
     for name, (outcome, message) in results.items():
         print(f"  {outcome:8} {name}{'  (' + message + ')' if message else ''}")
     assert sorted(results) == sorted(TESTS), run.stdout[-3000:]

@@ -213,22 +213,24 @@ def _loopback_origin(origin: str) -> bool:
 
 def _allowed_origin(request: Request) -> str | None:
     origin = request.headers.get("origin")
-    allowed = request.app.ctx.router.settings.cors_origins
+    allowed = request.app.ctx.router.settings.cors_allowed
     if origin and ("*" in allowed or origin in allowed or ("localhost" in allowed and _loopback_origin(origin))):
         return origin
     return None
 
 
 def cors_preflight(request: Request):
-    """A browser's OPTIONS before a cross-origin call: answered for allowed origins only, as
-    llama-server answers it (200, no body), but naming the headers: a `*` there would not cover
-    Authorization, which the API key travels in."""
-    if request.method == "OPTIONS" and (origin := _allowed_origin(request)):
-        return empty(200, headers={
-            "Access-Control-Allow-Origin": origin, "Vary": "Origin", "Access-Control-Max-Age": "600",
-            "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-            "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Api-Key"})
-    return None
+    """A browser's OPTIONS before a cross-origin call, answered as llama-server answers it: 200,
+    no body, and the permission only for an allowed origin (without it the browser sends nothing).
+    The allowed headers are named: a `*` there would not cover Authorization, the API key's."""
+    if request.method != "OPTIONS" or not request.headers.get("access-control-request-method"):
+        return None
+    if (origin := _allowed_origin(request)) is None:
+        return empty(200)
+    return empty(200, headers={
+        "Access-Control-Allow-Origin": origin, "Vary": "Origin", "Access-Control-Max-Age": "600",
+        "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+        "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Api-Key, X-Conversation-Id"})
 
 
 def cors_headers(request: Request, response) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import asdict
 
@@ -17,13 +18,15 @@ from .errors import RouterError, model_not_found, shown
 from .ini import ConfigError
 from .llama_options import build_info
 from .metrics import render as render_metrics
-from .scheduling.records import Phase
+from .refusals import http_error
+from .scheduling.records import Phase, Refused
 from .scheduling.views import ModelView
 from .parse import add_routes, asks_reload, json_body, model_field, query_model
 from .routing import scoped, serve, visible
 from .usage import since, summed
 
 bp = Blueprint("api")
+log = logging.getLogger(__name__)
 
 
 def memory_status(model: ModelView) -> dict:
@@ -112,13 +115,23 @@ def download_entry(download) -> dict:
             "source": "cache", "can_remove": True}
 
 
+def unfetched_entry(name: str, spec: str, download) -> dict:
+    """A preset whose hf-repo is downloaded on its first load: unloaded, or downloading."""
+    status = download.status() if download is not None else {"value": "unloaded"}
+    return {"id": name, "aliases": [], "tags": [], "object": "model", "owned_by": "llamacpp", "created": 0,
+            "status": {**status, "hf_repo": spec}, "source": "preset", "can_remove": False}
+
+
 async def list_models(request: Request) -> JSONResponse:
     router = request.app.ctx.router
     if asks_reload(request):
         await reload_router(router)
     admin = request.ctx.level is Level.ADMIN
     models = [model_entry(m, admin) for m in router.scheduler.views(listed_only=True) if visible(request, m.id)]
-    models += [download_entry(d) for d in router.downloads.entries() if visible(request, d.name)]
+    unfetched = {spec: name for name, spec in router.unfetched.items()}
+    models += [unfetched_entry(name, spec, router.downloads.active.get(spec)) for name, spec in router.unfetched.items()
+               if visible(request, name)]
+    models += [download_entry(d) for d in router.downloads.entries() if visible(request, d.name) and d.name not in unfetched]
     return json_response({"data": models, "object": "list"})
 
 
@@ -183,9 +196,24 @@ async def reload_models(request: Request) -> JSONResponse:
 
 
 async def load_model(request: Request) -> JSONResponse:
-    scheduler = request.app.ctx.router.scheduler
-    scheduler.load(scoped(request, model_field(json_body(request))))
+    router, name = request.app.ctx.router, model_field(json_body(request))
+    if name in router.unfetched and visible(request, name):
+        # Its hf-repo first: the download is planned now (a RouterError at once), the load follows it.
+        await router.begin_fetch(name)
+        router.spawn(lambda: _load_once_fetched(router, name))
+        return json_response({"success": True})
+    router.scheduler.load(scoped(request, name))
     return json_response({"success": True})
+
+
+async def _load_once_fetched(router, name: str) -> None:
+    try:
+        await router.fetch_first(name)
+        router.scheduler.load(name)
+    except RouterError as exc:
+        log.error("model %s: not loaded: %s", name, exc.message)
+    except Refused as exc:
+        log.error("model %s: not loaded: %s", name, http_error(exc).message)
 
 
 async def unload_model(request: Request) -> JSONResponse:

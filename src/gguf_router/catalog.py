@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import hfcache
@@ -52,6 +52,8 @@ class ModelConfig:
 class Catalog:
     models: dict[str, ModelConfig]
     warnings: tuple[str, ...] = ()
+    # Presets whose hf-repo is not in the cache yet, by name: downloaded on their first load.
+    unfetched: dict[str, str] = field(default_factory=dict)
 
 
 def socket_path(runtime_dir: Path, model_id: str) -> Path:
@@ -138,11 +140,20 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
     files = discovery.scan()
     warnings: list[str] = []
     hf_paths: dict[str, dict[str, Path]] = {}  # preset -> {hf key: the cache file it resolved to}
+    unfetched: dict[str, str] = {}
     for name, section in presets.models.items():
         if "hf-repo" in section.hf:
             if section.model is not None:
                 raise ConfigError(section.model.where, f"[{name}] names its file twice: keep model = or hf-repo =")
-            path, mmproj = _from_cache(section, "hf-repo", settings.hf_cache)
+            try:
+                path, mmproj = _from_cache(section, "hf-repo", settings.hf_cache)
+            except ConfigError:
+                # As llama.cpp does, a repository not cached is downloaded when the model is first
+                # loaded; offline, or with an hf-file (a download takes a quant), it is an error.
+                if settings.offline or settings.hf_cache is None or "hf-file" in section.hf:
+                    raise
+                unfetched[name] = section.hf["hf-repo"].text
+                continue
             hf_paths.setdefault(name, {})["hf-repo"] = path
             described = discovery.describe(name, path, "preset", mmproj)
         elif section.model is not None:
@@ -196,7 +207,7 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
     _check_aliases(models, presets, warnings)
     _check_pinned(models, presets, settings.budget_bytes())
     _hide_deduplicated(models, presets, hf_paths)
-    return Catalog(models, tuple(warnings))
+    return Catalog(models, tuple(warnings), unfetched)
 
 
 def _from_cache(section: Section, key: str, root: Path | None) -> tuple[Path, Path | None]:

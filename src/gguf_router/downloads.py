@@ -57,6 +57,7 @@ class Download:
     opened: list[Path] = field(default_factory=list)  # partial files it writes (and only those): gone if it fails
     stop: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task | None = None
+    error: str | None = None  # why it failed, once it has
 
     @property
     def bytes_done(self) -> int:
@@ -244,6 +245,7 @@ class Downloads:
                 del self.active[name]
                 if self.ledger:
                     await self.ledger.remove(name)
+        download.error = error
         if error is not None:  # nothing of it stays: its partial files, and the files it fetched that nothing uses
             # (another download may have found one of them there and counted on it)
             wanted = {self._blob(d.plan, f) for d in self.active.values() for f in d.plan.files}

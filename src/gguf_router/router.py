@@ -34,7 +34,7 @@ from .watcher import Watcher
 if TYPE_CHECKING:
     import aiohttp
 
-    from .downloads import Downloads
+    from .downloads import Download, Downloads
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ class Router:
         self._downloads: Downloads | None = None
         self.quotas = Quotas()
         self.conversations = Conversations()  # resumable streams: which child holds each
+        self.unfetched: dict[str, str] = {}  # presets whose hf-repo is downloaded on first load
+        self._fetching = asyncio.Lock()
         self.usage = open_usage(settings.state_dir / USAGE_FILE)
         self.notifier = Notifier()
         self.watcher = Watcher(lambda: self.poke(False), lambda: self.poke(True))
@@ -156,6 +158,7 @@ class Router:
         self.discovery = discovery
         discovery.settle = SETTLE
         self.scheduler.set_catalog(catalog.models, scheduling_limits(settings), queue_limits(settings))
+        self.unfetched = catalog.unfetched
         for warning in catalog.warnings:
             if warning not in self._warned:
                 self._warned.add(warning)
@@ -244,6 +247,26 @@ class Router:
             await self.reload(False)
         except ConfigError as exc:
             log.error("models not rescanned after a download: %s", exc)
+
+    async def begin_fetch(self, name: str) -> Download:
+        """The download of a preset's hf-repo that is not in the cache yet: started, or the one under
+        way. A RouterError says why it cannot be (the hub's 404, a full disk), before anything is written."""
+        spec = self.unfetched[name]
+        async with self._fetching:  # one at a time: two first requests plan one download, not two
+            download = self.downloads.active.get(spec)
+            if download is None:
+                log.info("model %s: its hf-repo %s is not in the cache: downloading it for its first load", name, spec)
+                download = await self.downloads.start(spec)
+        return download
+
+    async def fetch_first(self, name: str) -> None:
+        """A preset's hf-repo, downloaded on the model's first load as llama.cpp does; every request
+        for it meanwhile waits for the one download, whose rescan lists the model."""
+        download = await self.begin_fetch(name)
+        await asyncio.shield(download.task)  # a client that leaves does not cancel it for the others
+        if self.scheduler.canonical(name) is None:
+            raise RouterError(502, f"model '{name}': its hf-repo {download.name} was not downloaded: "
+                                   f"{download.error or 'it is not in the cache after the download'}")
 
     def spawn(self, factory: Callable) -> None:
         task = asyncio.get_running_loop().create_task(factory())

@@ -33,6 +33,8 @@ PACKAGED_LLAMA_SERVER = Path("/usr/lib/gguf-router/llama-server")
 BUILT_LLAMA_SERVER = CACHE_DIR / "llama-server-b11434" / "bin" / "llama-server"
 # llama.cpp's web UI: where the package installs it, and where scripts/build-ui builds it.
 PACKAGED_UI = Path("/usr/share/gguf-router/ui")
+# llama-server's options that make its CORS default `localhost` (common/arg.cpp).
+SERVER_TOOL_FLAGS = frozenset({"--tools", "--ui-mcp-proxy", "--webui-mcp-proxy"})
 BUILT_UI = CACHE_DIR / "llama-ui-b11434"
 
 
@@ -202,6 +204,14 @@ class Settings:
     log_level: str = setting("INFO", "debug, info, warning or error (default info)", metavar="L")
     # journald stamps every line itself; a terminal wants the time in the line.
     log_timestamps: bool = setting(factory=lambda: "JOURNAL_STREAM" not in os.environ, flags=None)
+
+    @property
+    def cors_allowed(self) -> tuple[str, ...]:
+        """The origins browsers may call from: --cors-origins; without it none, unless the children
+        run server tools or the MCP proxy, where llama.cpp's default is its `localhost` keyword."""
+        if not self.cors_origins and any(arg.split("=", 1)[0] in SERVER_TOOL_FLAGS for arg in self.child_args):
+            return ("localhost",)
+        return self.cors_origins
 
     def preset_files(self) -> tuple[Path, list[Path]]:
         """The presets file (hf-repo's in the cache, given or the default) and its drop-ins,
