@@ -90,13 +90,14 @@ def test_removing_a_model_never_deletes_what_a_link_out_of_the_cache_points_at(t
     assert hfcache.remove(cache, "u/r") and not repo.exists() and (shared / "m-Q8_0.gguf").exists()
 
 
-def catalog(tmp_path, llama_server, preset_text: str):
+def catalog(tmp_path, llama_server, preset_text: str, **settings):
     cache = tmp_path / "hub"
     cached_repo(cache, "u/main", "main-Q4_K_M.gguf")
     cached_repo(cache, "u/draft", "draft-Q8_0.gguf")
     presets_file = tmp_path / "presets.ini"
     presets_file.write_text(preset_text)
-    settings = Settings(llama_server=llama_server, hf_cache=cache, models_preset=presets_file, memory_budget="off")
+    settings = Settings(llama_server=llama_server, hf_cache=cache, models_preset=presets_file, memory_budget="off",
+                        **settings)
     presets, cli = read_presets(settings)
     return build(settings, Discovery(None, cache), presets, cli, tmp_path), cache
 
@@ -114,9 +115,22 @@ def test_a_preset_names_cache_files_and_dedup_hides_their_entries(tmp_path, llam
     assert not shown.models["u/main:Q4_K_M"].hidden  # only with dedup-cache-models
 
 
-def test_a_preset_repo_that_is_not_cached_is_a_config_error_that_says_what_to_do(tmp_path, llama_server):
+def test_a_preset_repo_not_cached_waits_for_its_first_load_or_offline_is_an_error_saying_what_to_do(
+        tmp_path, llama_server):
+    found, _ = catalog(tmp_path / "1", llama_server, "[x]\nhf-repo = u/absent\n")
+    assert "x" not in found.models and found.unfetched == {"x": "u/absent"}  # downloaded on first load
     with pytest.raises(ConfigError, match=r"presets.ini:2: hf-repo = u/absent is not in the Hugging Face cache .*"
                                           r"fetch it into that cache first: gguf-router pull u/absent"):
-        catalog(tmp_path, llama_server, "[x]\nhf-repo = u/absent\n")
+        catalog(tmp_path, llama_server, "[x]\nhf-repo = u/absent\n", offline=True)
     with pytest.raises(ConfigError, match=r"belongs in a model's own section"):
         catalog(tmp_path / "2", llama_server, "[*]\nhf-repo = u/main\n")
+
+
+def test_a_models_mmproj_is_the_one_llama_cpp_picks():
+    paths = ["mmproj-F16.gguf", "mmproj-Q8_0.gguf", "model-Q4_K_M.gguf", "model-F16.gguf",
+             "vision/mmproj-Q4_0.gguf", "big/model-Q8_0.gguf", "big/mmproj-F32.gguf"]
+    assert hfcache.choose(paths, "Q4_K_M") == ("model-Q4_K_M.gguf", "mmproj-Q8_0.gguf")  # closest in bits
+    assert hfcache.choose(paths, "F16") == ("model-F16.gguf", "mmproj-F16.gguf")
+    # one in the model's own folder before one above it; one in another folder never
+    assert hfcache.choose(paths, "Q8_0") == ("big/model-Q8_0.gguf", "big/mmproj-F32.gguf")
+    assert hfcache.best_mmproj(["vision/mmproj-Q4_0.gguf"], "model-Q4_K_M.gguf") is None

@@ -93,13 +93,15 @@ def cached_models(root: Path) -> Iterator[tuple[str, Path, Path | None]]:
         if snap is None:
             continue
         files = _files(snap)
+        relative = [f.relative_to(snap).as_posix() for f in files]
         seen = set()
-        for p in files:
+        for p, path in zip(files, relative):
             tag, first = _tag(p)
             if not tag or not first or is_companion(p.name) or tag in seen:
                 continue
             seen.add(tag)
-            yield f"{repo_id}:{tag}", p, next((f for f in files if "mmproj" in f.name), None)
+            mmproj = best_mmproj(relative, path)
+            yield f"{repo_id}:{tag}", p, snap / mmproj if mmproj else None
 
 
 def resolve(root: Path, name: str, hf_file: str = "") -> tuple[Path, Path | None] | None:
@@ -122,18 +124,39 @@ def choose(paths: list[str], tag: str, hf_file: str = "") -> tuple[str, str | No
     mmproj) llama.cpp picks: the named file; else the first model file of the tag (Q4_K_M, then
     Q8_0, then any when the name has no tag); None when there is none."""
     paths = [p for p in paths if p.endswith(".gguf")]
-    mmproj = next((p for p in paths if "mmproj" in p.rsplit("/", 1)[-1]), None)
     if hf_file:
-        return (hf_file, mmproj) if hf_file in paths else None
+        return (hf_file, best_mmproj(paths, hf_file)) if hf_file in paths else None
     models = [p for p in paths if not is_companion(p.rsplit("/", 1)[-1]) and _tag(Path(p))[1]]
     for wanted in [tag] if tag else DEFAULT_TAGS:
         pattern = re.compile(re.escape(wanted) + "[.-]", re.IGNORECASE)
         for p in models:
             if pattern.search(p):
-                return p, mmproj
+                return p, best_mmproj(paths, p)
     if not tag and models:
-        return models[0], mmproj
+        return models[0], best_mmproj(paths, models[0])
     return None
+
+
+def best_mmproj(paths: list[str], model: str) -> str | None:
+    """The mmproj llama.cpp gives a model (find_best_sibling, common/download.cpp): a GGUF whose
+    path holds "mmproj", in the model's folder or one above it; the deepest folder first, then
+    the quant closest in bits to the model's (Q4_K_M: 4, F16: 16), then the first listed."""
+    folders = model.split("/")[:-1]
+    bits = _bits(model)
+    best, best_rank = None, None
+    for path in paths:
+        own = path.split("/")[:-1]
+        if not path.endswith(".gguf") or "mmproj" not in path or own != folders[:len(own)]:
+            continue
+        rank = (-len(own), abs(_bits(path) - bits))
+        if best_rank is None or rank < best_rank:
+            best, best_rank = path, rank
+    return best
+
+
+def _bits(path: str) -> int:
+    number = re.search(r"[0-9]+", _tag(Path(path))[0])
+    return int(number.group()) if number else 0
 
 
 def parts(paths: list[str], model: str) -> list[str]:
