@@ -296,3 +296,18 @@ def test_a_presets_hf_repo_not_cached_is_downloaded_on_its_first_load(start, hub
     refused = r.http.post("/v1/chat/completions", json=chat("missing"))  # the hub has no such repository
     assert refused.status_code == 404 and "org/no-such-GGUF" in refused.json()["error"]["message"]
     assert r.http.post("/v1/chat/completions", json=chat("story")).status_code == 200  # nothing else changed
+
+
+def test_loading_a_preset_not_cached_downloads_it_and_unloading_cancels_that(start, hub, cache, tmp_path):
+    presets = tmp_path / "presets.ini"
+    presets.write_text(f"[story]\nhf-repo = {NAME}\n")
+    hub.rate = 64 << 10  # seconds for the file
+    r = start("--models-preset", str(presets), "-c", "256")
+    assert r.http.post("/models/load", json={"model": "story"}).json() == {"success": True}  # at once
+    status = r.wait_for(lambda: (s := r.models()["story"]["status"])["value"] == "downloading" and s,
+                        what="the preset to show its download")
+    assert status["hf_repo"] == NAME and NAME not in r.models()  # listed once, as the preset
+    assert r.http.post("/models/unload", json={"model": "story"}).json() == {"success": True}
+    r.wait_for(lambda: r.models()["story"]["status"] == {"value": "unloaded", "hf_repo": NAME},
+               what="the cancelled download to go")
+    assert not list(cache.rglob("*.gguf*"))

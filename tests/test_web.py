@@ -131,3 +131,27 @@ def test_llama_cpps_web_ui_picks_a_model_streams_and_resumes_after_a_reload(star
     page.screenshot(path=str(ARTIFACTS / "ui-resumed.png"))
     page.get_by_text(re.compile(r"\b3,?000 tokens")).wait_for(timeout=30_000)  # the whole answer, as the UI counts it
     assert router.state("tiny-b") == "loaded" and router.state("tiny-a") == "unloaded"  # what the selector loaded
+
+
+def test_the_status_page_shows_a_download_with_its_progress_and_cancels_it(start_router, page, tmp_path):
+    from gguf_router.tinymodels import write_tiny_model
+    from hub_server import HubServer
+
+    name = "org/slow-GGUF:Q8_0"
+    hub = HubServer()
+    hub.add("org/slow-GGUF", {"slow-Q8_0.gguf": write_tiny_model(tmp_path / "slow-Q8_0.gguf", seed=3)})
+    hub.rate = 64 << 10  # seconds for the file: time to see it and cancel it
+    hub.start()
+    try:
+        router = start_router(env={"MODEL_ENDPOINT": hub.url, "LLAMA_CACHE": str(tmp_path / "hf")})
+        page.goto(router.url + "/status")
+        assert router.http.post("/models", json={"model": name}).status_code == 200
+        row = page.locator(f"tr[data-model='{name}']")
+        page.wait_for_function(f"""() => {{ const bar = document.querySelector("tr[data-model='{name}'] progress");
+            return bar && bar.value > 0 && bar.value < 1; }}""")
+        assert row.locator("td.state").inner_text().startswith("downloading")
+        row.get_by_role("button", name="Cancel").click()
+        row.wait_for(state="detached")
+        assert name not in router.models() and not list((tmp_path / "hf").rglob("*.gguf*"))
+    finally:
+        hub.stop()

@@ -216,18 +216,24 @@ async def _load_once_fetched(router, name: str) -> None:
         log.error("model %s: not loaded: %s", name, http_error(exc).message)
 
 
+def _cancelled(request: Request, name: str) -> bool:
+    """As in llama.cpp, unloading (or deleting) a download cancels it, its partial files deleted:
+    one this key may see, by its name or by the preset whose first load it is for."""
+    router = request.app.ctx.router
+    return visible(request, name) and router.downloads.cancel(router.unfetched.get(name, name))
+
+
 async def unload_model(request: Request) -> JSONResponse:
-    router, name = request.app.ctx.router, model_field(json_body(request))
-    # As in llama.cpp, unloading a download cancels it (one this key may see).
-    if not (visible(request, name) and router.downloads.cancel(name)):
-        router.scheduler.unload(scoped(request, name))
+    name = model_field(json_body(request))
+    if not _cancelled(request, name):
+        request.app.ctx.router.scheduler.unload(scoped(request, name))
     return json_response({"success": True})
 
 
 async def remove_model(request: Request) -> JSONResponse:
-    router, name = request.app.ctx.router, query_model(request)
-    if not (visible(request, name) and router.downloads.cancel(name)):  # a download: cancelled, its files deleted
-        await router.remove_from_cache(scoped(request, name))
+    name = query_model(request)
+    if not _cancelled(request, name):
+        await request.app.ctx.router.remove_from_cache(scoped(request, name))
     return json_response({"success": True})
 
 
