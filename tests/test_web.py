@@ -133,6 +133,24 @@ def test_llama_cpps_web_ui_picks_a_model_streams_and_resumes_after_a_reload(star
     assert router.state("tiny-b") == "loaded" and router.state("tiny-a") == "unloaded"  # what the selector loaded
 
 
+def test_llama_cpps_web_ui_stop_ends_the_generation_in_the_child(start_router, page):
+    """The UI's Stop (an abort, and DELETE /v1/stream): the router, which keeps a resumable
+    generation going when its client leaves, ends this one, in the child."""
+    router = start_router("-c", "32768", "-np", "1")  # the context alone would end it after tens of seconds
+    page.goto(router.url + "/")
+    page.evaluate("""localStorage.setItem('LlamaUi.config', JSON.stringify(
+        {customJson: JSON.stringify({ignore_eos: true, max_tokens: 100000})}))""")
+    page.reload()
+    page.locator("textarea").fill("Go on forever")
+    page.keyboard.press("Enter")
+    page.wait_for_function("""() => [...document.querySelectorAll('[aria-label="Assistant message with actions"]')]
+        .some(e => e.innerText.trim().length > 200)""", timeout=60_000)
+    assert router.metric("gguf_router_requests_in_flight", model="tiny-a") == 1
+    page.get_by_role("button", name="Stop generation").first.click()
+    router.wait_for(lambda: router.metric("gguf_router_requests_in_flight", model="tiny-a") == 0, timeout=10,
+                    what="the stopped generation to end")
+
+
 def test_the_status_page_shows_a_download_with_its_progress_and_cancels_it(start_router, page, tmp_path):
     from gguf_router.tinymodels import write_tiny_model
     from hub_server import HubServer
