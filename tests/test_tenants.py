@@ -227,3 +227,22 @@ def test_a_key_added_from_the_command_line_works_at_once(start_router, tmp_path)
     r.wait_for(lambda: r.http.get("/v1/models", headers={"Authorization": f"Bearer {new}"}).status_code == 401,
                what="the removed key refused")
     assert new not in r.log()
+
+
+def test_an_event_stream_ends_when_its_key_is_revoked(start_router, tmp_path):
+    r = start(start_router, tmp_path)
+    ended = threading.Event()
+    seen: list[str] = []
+
+    def follow():
+        with httpx.stream("GET", r.url + "/models/sse", headers=auth("alice"), timeout=60) as reply:
+            for line in reply.iter_lines():
+                seen.append(line)
+        ended.set()
+    threading.Thread(target=follow, daemon=True).start()
+    r.wait_for(lambda: seen, what="the stream to begin")
+    keys = tmp_path / "keys.ini"
+    keys.write_text(keys.read_text().replace(section("alice", KEYS["alice"], "inference", "tiny-a*"), ""))
+    assert r.http.post("/models/reload").status_code == 200  # as the admin
+    assert ended.wait(20), "alice's stream went on after her key was revoked"
+    assert r.http.get("/v1/models", headers=auth("alice")).status_code == 401

@@ -13,7 +13,7 @@ from sanic import Blueprint, Request
 from sanic.response import JSONResponse, json as json_response, raw
 
 from . import __version__
-from .access import Level, admin_if_reloading, read_unless_routed
+from .access import Level, admin_if_reloading, caller, read_unless_routed
 from .errors import RouterError, model_not_found, shown
 from .ini import ConfigError
 from .llama_options import build_info
@@ -151,6 +151,11 @@ async def model_events(request: Request):
         while True:
             next_event = next_event or asyncio.ensure_future(events.next())
             done, _ = await asyncio.wait({next_event}, timeout=15)
+            # Keys are reread on reload: a stream ends when its key is gone or may no longer read,
+            # and follows the key's models as they are now.
+            level, request.ctx.key = caller(request)
+            if level < Level.READ:
+                return
             if not done:
                 await response.send(": keep-alive\n\n")
                 continue
