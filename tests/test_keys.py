@@ -53,6 +53,11 @@ def test_bare_keys_keep_the_levels_they_always_had(tmp_path):
     # A bare key that a file names too is that named key, once.
     same = read_keys(keys_file(tmp_path, "[ops]\nkey = sk-u\nrole = admin\n"), ("sk-u",), ())
     assert [k.name for k in same.keys] == ["ops"]
+    # A bare admin key that a file names with a lesser role would not manage: refused, naming no key.
+    with pytest.raises(ConfigError, match=r"admin key 1 \(admin-api-keys\) is also key \[alice\], whose role is "
+                                          r"inference") as refused:
+        read_keys(keys_file(tmp_path, "[alice]\nkey = sk-a\n"), (), ("sk-a",))
+    assert "sk-a" not in str(refused.value)
 
 
 @pytest.mark.parametrize("text, where, says", [

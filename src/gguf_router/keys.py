@@ -214,6 +214,12 @@ def read_keys(main: Path, api_keys: tuple[str, ...], admin_keys: tuple[str, ...]
                                ("key", api_keys, Level.INFERENCE if has_admin else Level.ADMIN)):
         for number, clear in enumerate(bare, 1):
             hashed = digest(clear)
+            if role is Level.ADMIN and prefix == "admin" and hashed in seen and keys[seen[hashed]].role < role:
+                # The named key would win, and the admin key named for managing would not manage.
+                named_key = keys[seen[hashed]]
+                raise ConfigError(str(main), f"admin key {number} (admin-api-keys) is also key [{named_key.name}], "
+                                             f"whose role is {ROLE_NAMES[named_key.role]}: a key has one role (give "
+                                             f"[{named_key.name}] role = admin, or drop it from admin-api-keys)")
             if hashed not in seen:
                 seen[hashed] = f"{prefix}-{number}"
                 keys[f"{prefix}-{number}"] = Key(f"{prefix}-{number}", hashed, role, clear=clear)
