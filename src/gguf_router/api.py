@@ -22,7 +22,7 @@ from .refusals import http_error
 from .scheduling.records import Phase, Refused
 from .scheduling.views import ModelView
 from .parse import add_routes, asks_reload, json_body, model_field, query_model
-from .routing import scoped, serve, visible
+from .routing import scoped, serve, unfetched, visible
 from .usage import since, summed
 
 bp = Blueprint("api")
@@ -128,10 +128,11 @@ async def list_models(request: Request) -> JSONResponse:
         await reload_router(router)
     admin = request.ctx.level is Level.ADMIN
     models = [model_entry(m, admin) for m in router.scheduler.views(listed_only=True) if visible(request, m.id)]
-    unfetched = {spec: name for name, spec in router.unfetched.items()}
+    first_loads = set(router.unfetched.values())  # listed as their presets
     models += [unfetched_entry(name, spec, router.downloads.active.get(spec)) for name, spec in router.unfetched.items()
                if visible(request, name)]
-    models += [download_entry(d) for d in router.downloads.entries() if visible(request, d.name) and d.name not in unfetched]
+    models += [download_entry(d) for d in router.downloads.entries() if visible(request, d.name)
+               and d.name not in first_loads]
     return json_response({"data": models, "object": "list"})
 
 
@@ -202,7 +203,7 @@ async def reload_models(request: Request) -> JSONResponse:
 
 async def load_model(request: Request) -> JSONResponse:
     router, name = request.app.ctx.router, model_field(json_body(request))
-    if name in router.unfetched and visible(request, name):
+    if unfetched(request, name):
         # Its hf-repo first: the download is planned now (a RouterError at once), the load follows it.
         await router.begin_fetch(name)
         router.spawn(lambda: _load_once_fetched(router, name))
@@ -224,8 +225,7 @@ async def _load_once_fetched(router, name: str) -> None:
 def _cancelled(request: Request, name: str) -> bool:
     """As in llama.cpp, unloading (or deleting) a download cancels it, its partial files deleted:
     one this key may see, by its name or by the preset whose first load it is for."""
-    router = request.app.ctx.router
-    return visible(request, name) and router.downloads.cancel(router.unfetched.get(name, name))
+    return visible(request, name) and request.app.ctx.router.downloads.cancel(unfetched(request, name) or name)
 
 
 async def unload_model(request: Request) -> JSONResponse:

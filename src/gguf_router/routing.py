@@ -52,6 +52,13 @@ def visible(request: Request, model_id: str) -> bool:
     return key.may_use((model_id, *(config.aliases if config else ())))
 
 
+def unfetched(request: Request, name: str) -> str | None:
+    """The hf-repo of the preset a request names, if it is not downloaded yet (it is on first
+    load) and the request's key may use it."""
+    spec = request.app.ctx.router.unfetched.get(name)
+    return spec if spec is not None and visible(request, name) else None
+
+
 def scoped(request: Request, name: str) -> str:
     """The id of the model a request names, if its key may use it: for one outside the key's
     models, the same 400 as for a name that does not exist, so a key learns nothing of them."""
@@ -81,7 +88,7 @@ async def serve(request: Request, name: str):
     within its key's quotas; what it used is counted for the key once it has ended."""
     request.ctx.model_id = name  # (counted by /metrics as the model it names, or "unknown")
     router = request.app.ctx.router
-    if name in router.unfetched and visible(request, name):
+    if unfetched(request, name):
         if not autoload(request):
             raise RouterError(400, f"model '{shown(name)}' is not downloaded yet: load it (POST /models/load), "
                                    "or ask with ?autoload=true")

@@ -33,9 +33,9 @@ PACKAGED_LLAMA_SERVER = Path("/usr/lib/gguf-router/llama-server")
 BUILT_LLAMA_SERVER = CACHE_DIR / "llama-server-b11434" / "bin" / "llama-server"
 # llama.cpp's web UI: where the package installs it, and where scripts/build-ui builds it.
 PACKAGED_UI = Path("/usr/share/gguf-router/ui")
+BUILT_UI = CACHE_DIR / "llama-ui-b11434"
 # llama-server's options that make its CORS default `localhost` (common/arg.cpp).
 SERVER_TOOL_FLAGS = frozenset({"--tools", "--ui-mcp-proxy", "--webui-mcp-proxy"})
-BUILT_UI = CACHE_DIR / "llama-ui-b11434"
 
 
 def default_llama_server() -> Path:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 LOOKUP_TIMEOUT = 2.0  # seconds a child has to answer a lookup or a stop (llama.cpp's router gives 0.25)
 
+
 def not_found() -> RouterError:
     return RouterError(404, "Stream not found or expired")
 
@@ -39,18 +40,22 @@ def _conv_id(request: Request) -> str:
     return conv_id
 
 
-def _mine(request: Request, conv_id: str) -> Conversation | None:
+def _asker(request: Request) -> tuple[str | None, float, bool]:
+    """Who asks, as the conversations map takes it: the key's name, now, and whether an admin."""
     key = request.ctx.key
-    return request.app.ctx.router.conversations.find(conv_id, key.name if key else None, time.monotonic(),
-                                                      request.ctx.level is Level.ADMIN)
+    return key.name if key else None, time.monotonic(), request.ctx.level is Level.ADMIN
+
+
+def _mine(request: Request, conv_id: str) -> Conversation | None:
+    return request.app.ctx.router.conversations.find(conv_id, *_asker(request))
 
 
 def _where(request: Request, entry: Conversation):
     """Where its stream is, and the model's view when it is on a serving child."""
     try:
         view = request.app.ctx.router.scheduler.view(entry.model_id)
-    except Refused:  # the model is no longer in the catalog
-        return (Where.GONE if entry.ended is not None or entry.generation is not None else Where.LOADING), None
+    except Refused:  # the model is no longer in the catalog: no child of it serves
+        return entry.where(serving=False, generation=0), None
     return entry.where(view.serving, view.generation), view
 
 
@@ -104,10 +109,8 @@ async def stream_lookup(request: Request):
     ids = json_body(request).get("conversation_ids")
     if not isinstance(ids, list):
         raise bad_request("conversation_ids must be a list of strings")
-    key, router = request.ctx.key, request.app.ctx.router
-    entries = router.conversations.matching([i for i in ids if isinstance(i, str) and i],
-                                            key.name if key else None, time.monotonic(),
-                                            request.ctx.level is Level.ADMIN)
+    router = request.app.ctx.router
+    entries = router.conversations.matching([i for i in ids if isinstance(i, str) and i], *_asker(request))
     by_child: dict[tuple[str, int], tuple[object, list[str]]] = {}
     for entry in entries:
         where, view = _where(request, entry)
