@@ -401,6 +401,85 @@ async def churn(session, rows, models: Path, names: list[str], clients: int, mod
               f"{pct(waits, 0.5) / 1000:.1f} s, p99 {pct(waits, 0.99) / 1000:.1f} s", file=sys.stderr)
 
 
+# Option sets for `devices` (and bench/gpu-check): the server's default (4 slots, one unified
+# cache), quantized cache, split slots, unified slots, partial offload, no flash attention.
+DEVICE_CASES = [{"c": "2048"}, {"c": "8192", "ctk": "q8_0", "ctv": "q8_0", "fa": "on"}, {"c": "4096", "np": "4"},
+                {"c": "4096", "np": "2", "kvu": "true"}, {"c": "4096", "ngl": "12"}, {"c": "2048", "fa": "off"}]
+
+
+def device_rows(llama: Path, device, models: list[tuple[str, Path]], cases: list[dict], probe=None) -> list[tuple]:
+    """What the router counts each model at on `device` (projection.py) beside what its child
+    allocates there (its -lv 4 load log), for every option set; and llama-fit-params' own compute
+    figure, which the router does not take. `probe(pid)`: more figures of the running child."""
+    from gguf_router import projection
+    from gguf_router.ggufinfo import read_info
+    from gguf_router.memory import MiB, estimate
+
+    fit_params = llama.with_name("llama-fit-params")
+    found = []
+    for name, path in models:
+        info = read_info(path)
+        for case in cases:
+            options = {"ngl": "all", **case}
+            projected = projection.project(fit_params, path, options, device, estimate(info, options, has_device=True))
+            raw = subprocess.run(projection.fit_argv(fit_params, path, options, device), capture_output=True,
+                                 text=True).stdout
+            fit_compute = projection.parse_print(raw).get(device.name, (0, 0, 0))[2]
+            argv = [str(llama), "-m", str(path), "--host", "127.0.0.1", "-lv", "4", *device.child_args(), "--fit", "off"]
+            for key, value in options.items():
+                argv += [f"-{key}"] if value == "true" else [f"-{key}", value]
+            port = free_port()
+            extra = None
+            with tempfile.NamedTemporaryFile() as log:
+                child = subprocess.Popen([*argv, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline and child.poll() is None:
+                    try:
+                        if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
+                            extra = probe(child.pid) if probe else None
+                            break
+                    except OSError:
+                        pass
+                    time.sleep(0.1)
+                child.kill()
+                child.wait()
+                logged = projection.allocated(Path(log.name).read_text(errors="replace"), device)
+            total = sum(logged.values())
+            found.append((name, " ".join(f"{k}={v}" for k, v in case.items()), projected.model / MiB,
+                          logged["model"] / MiB, projected.context / MiB, logged["KV"] / MiB, projected.compute / MiB,
+                          logged["compute"] / MiB, fit_compute / MiB,
+                          100 * (projected.total - total) / total if total else float("nan"), extra))
+    return found
+
+
+def print_device_rows(found: list[tuple], title: str, extra: str | None = None) -> None:
+    header = ["model", "options", "model proj", "model child", "KV proj", "KV child", "compute proj",
+              "compute child", "fit-params compute", "total error %"] + ([extra] if extra else [])
+    print(title)
+    print(" | ".join(header))
+    for r in found:
+        cells = [r[0], r[1], *(f"{v:.1f}" for v in r[2:10])] + ([str(r[10])] if extra else [])
+        print(" | ".join(cells))
+
+
+def devices() -> None:
+    """The projection beside the child's buffers on one ggml-rpc-server device, both real models."""
+    from gguf_router.devices import Device
+
+    port = free_port()
+    server = subprocess.Popen([str(LLAMA.with_name("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    device = Device(f"127.0.0.1:{port}", "RPC0", f"127.0.0.1:{port}", 0, 0, 0, rpc=True)
+    try:
+        time.sleep(1)
+        found = device_rows(LLAMA, device, [(name, REAL_MODELS / file) for name, file, _ in MEMORY_CASES[::3]],
+                            DEVICE_CASES)
+    finally:
+        server.kill()
+        server.wait()
+    print_device_rows(found, "projection vs the child's buffers on one ggml-rpc-server device, MiB")
+
+
 async def churns(session, rows, work: Path) -> None:
     tiny = work / "churn-tiny"
     names = ["tiny-a", "tiny-b", "tiny-c", "tiny-d"]
@@ -676,10 +755,11 @@ async def main() -> None:
     # Under llama-server's 5 s keep-alive (cpp-httplib): a connection idle longer is closed under us.
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=4)
     # `scripts/dev bench discovery`, `... memory`, `... admission`, `... startup`, `... balancer`,
-    # `... refused`, `... churn`, `... keys` or `... download`: that part alone; `... versus REV`: this tree against
+    # `... refused`, `... churn`, `... keys`, `... download` or `... devices`: that part alone; `... versus REV`: this tree against
     # the commit REV in start-up, cold start and small requests
     only = sys.argv[1] if sys.argv[1:] in (["discovery"], ["memory"], ["admission"], ["startup"], ["balancer"],
-                                           ["refused"], ["churn"], ["keys"], ["download"]) or sys.argv[1:2] == ["versus"] else None
+                                           ["refused"], ["churn"], ["keys"], ["download"], ["devices"]) \
+        or sys.argv[1:2] == ["versus"] else None
     before = checkout(sys.argv[2], work) if only == "versus" else None
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120)) as session:
         if only in (None, "memory"):
@@ -729,6 +809,9 @@ async def main() -> None:
     if only in (None, "download"):
         print("downloads ...", file=sys.stderr)
         download(work, rows)
+    if only in (None, "devices"):
+        print("device projections ...", file=sys.stderr)
+        devices()
     shutil.rmtree(work)
     for name, mb in rss.items():
         rows.append({"scenario": "RSS MB (router process)", "target": name, "p50_ms": mb})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import ssl
 import socket
@@ -245,3 +246,20 @@ def long_completion(model: str, **extra) -> dict:
 
 
 BUSY_ARGS = ("-c", "8192", "-np", "1")
+
+
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        # The flags keep Chromium from reaching for Google's services, which this network refuses.
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1000, "height": 700})
+        yield page
+        browser.close()

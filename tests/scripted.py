@@ -7,7 +7,7 @@ import itertools
 import re
 
 from gguf_router.memory import MiB
-from gguf_router.policy import Limits
+from gguf_router.policy import DeviceLimit, Limits
 from gguf_router.scheduling import effects as fx
 from gguf_router.scheduling import inputs as ev
 from gguf_router.scheduling.records import HOLDS_SLOT, Cause, Fleet, ModelSpec, Phase, Why
@@ -24,9 +24,10 @@ def spec(model_id: str, mib: int = 100, version: int = 1, **extra) -> ModelSpec:
 
 
 class Script:
-    def __init__(self, *specs: ModelSpec, models_max: int = 0, budget_mib: int | None = None, queue_max: int = 256):
+    def __init__(self, *specs: ModelSpec, models_max: int = 0, budget_mib: int | None = None, queue_max: int = 256,
+                 devices: dict[str, DeviceLimit] | None = None):
         self.fleet, self.now = Fleet(), 0.0
-        self.limits = Limits(models_max, budget_mib * MiB if budget_mib is not None else None)
+        self.limits = Limits(models_max, budget_mib * MiB if budget_mib is not None else None, devices or {})
         self.queue_max = queue_max
         self.specs = {s.id: s for s in specs}
         self.moves: set[tuple[Phase, Phase]] = set()
@@ -114,6 +115,12 @@ def check(before: Fleet, after: Fleet, effects: list, now: float) -> None:
         holding = [r for r in models.values() if r.phase in HOLDS_SLOT]
         assert after.limits.models_max == 0 or len(holding) <= after.limits.models_max
         assert after.limits.budget is None or after.reserved <= after.limits.budget
+        for device, (used, ids) in after.on_devices().items():  # nor any device's budget, nor an RPC server's one client
+            limit = after.limits.devices[device]
+            assert used <= limit.budget and (len(ids) <= 1 or not limit.exclusive), (device, used, ids)
+    for r in models.values():
+        if r.phase in HOLDS_SLOT and r.spec.places:
+            assert r.device in r.spec.places, f"{r.id} runs off its devices"
     for e in effects:
         if isinstance(e, fx.Stop) and e.cause is Cause.EVICTED:  # never one serving, or waited for unless draining
             was = before.models[e.model]

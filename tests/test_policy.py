@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from gguf_router.policy import MIN_RESIDENT, Limits, Running, Waiting, admit, expired, never_fits
+from gguf_router.policy import (MIN_RESIDENT, DeviceLimit, Limits, Running, Waiting, admit, device_short, expired,
+                                 never_fits)
 
 GB = 1 << 30
 
@@ -120,3 +121,63 @@ def test_a_draining_model_is_not_drained_again_for_its_own_next_turn():
     draining = Running("d", stopping=False, idle=False, last_used=0, bytes=GB, busy=True, draining=True)
     d = admit([Waiting("a", GB), Waiting("d", GB, startable=False)], [draining, serving("b", 0)], Limits(2), now=60)
     assert d.drain == ["d", "b"]  # "a" takes d's slot; d's next child waits for b's
+
+
+# -- devices ----------------------------------------------------------------------------------
+
+def on(model_id, device, size, *, idle_=True, last_used=0.0, **extra):
+    return Running(model_id, stopping=False, idle=idle_, busy=not idle_, last_used=last_used, bytes=0,
+                   device=device, device_bytes=size, **extra)
+
+
+TWO = {"gpu0": DeviceLimit(4 * GB), "gpu1": DeviceLimit(4 * GB)}
+
+
+def test_a_model_starts_on_the_device_with_the_most_room_and_is_placed_there():
+    d = admit([Waiting("a", 0, places={"gpu0": GB, "gpu1": GB})], [on("x", "gpu0", 2 * GB)], Limits(devices=TWO))
+    assert d.start == ["a"] and d.placed == {"a": "gpu1"} and d.stop == []
+
+
+def test_a_model_that_fits_no_device_stops_an_idle_one_there_and_not_on_another_device():
+    running = [on("old", "gpu0", 3 * GB, last_used=1), on("other", "gpu1", 3 * GB, last_used=0, idle_=False)]
+    d = admit([Waiting("a", 0, places={"gpu0": 2 * GB})], running, Limits(devices=TWO))
+    assert d.start == [] and d.stop == ["old"] and d.drain == []
+
+
+def test_a_choice_of_devices_waits_for_the_one_needing_fewest_stops():
+    running = [on("b1", "gpu0", GB, last_used=0), on("b2", "gpu0", 2 * GB, last_used=1), on("c", "gpu1", 3 * GB, last_used=5)]
+    d = admit([Waiting("a", 0, places={"gpu0": 3 * GB, "gpu1": 3 * GB})], running, Limits(devices=TWO))
+    assert d.stop == ["c"]  # gpu0 would need both of its models stopped
+
+
+def test_host_memory_and_slots_still_count_for_a_model_on_a_device():
+    d = admit([Waiting("a", GB, places={"gpu0": GB})], [idle("h", 1, size=GB)], Limits(models_max=1, devices=TWO))
+    assert d.start == [] and d.stop == ["h"]  # the slot, though the device had room
+
+
+def test_an_rpc_device_takes_one_model_at_a_time_however_small():
+    rpc = {"127.0.0.1:50052": DeviceLimit(10 * GB, exclusive=True)}
+    running = [on("x", "127.0.0.1:50052", 1, idle_=False)]
+    d = admit([Waiting("a", 0, places={"127.0.0.1:50052": 1})], running, Limits(devices=rpc))
+    assert d.start == [] and d.stop == []  # busy and not resident long enough to drain: it waits
+
+
+def test_device_short_names_the_device_closest_to_taking_the_model():
+    pinned = [on("p", "gpu1", 3 * GB, pinned=True)]
+    assert device_short({"gpu0": 5 * GB, "gpu1": 2 * GB}, pinned, Limits(devices=TWO)) == ("gpu0", 5 * GB, 0)
+    assert device_short({"gpu0": 3 * GB}, pinned, Limits(devices=TWO)) is None
+    assert device_short({}, pinned, Limits(devices=TWO)) is None
+
+
+def test_no_model_is_stopped_on_a_device_that_could_never_take_the_entry():
+    running = [on("a-idle", "gpu0", GB, last_used=0), on("p", "gpu0", 3 * GB, pinned=True, idle_=False),
+               on("b-busy", "gpu1", 3 * GB, idle_=False)]
+    d = admit([Waiting("x", 0, places={"gpu0": 2 * GB, "gpu1": 2 * GB})], running, Limits(devices=TWO))
+    assert d.stop == []  # gpu0 could only ever hold 1 GB beside the pinned model: x waits for gpu1
+
+
+def test_a_drain_under_way_is_kept_rather_than_a_second_one_started_elsewhere():
+    running = [on("m1", "gpu0", 3 * GB, idle_=False, draining=True),
+               on("m2", "gpu1", 3 * GB, idle_=False, loaded_at=-100)]
+    d = admit([Waiting("x", 0, places={"gpu0": 2 * GB, "gpu1": 2 * GB})], running, Limits(devices=TWO), now=0)
+    assert d.drain == ["m1"]

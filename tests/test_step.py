@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from gguf_router import crashes
 from gguf_router.memory import MiB
-from gguf_router.policy import MIN_RESIDENT
+from gguf_router.policy import MIN_RESIDENT, DeviceLimit
 from gguf_router.scheduling import effects as fx
 from gguf_router.scheduling import inputs as ev
 from gguf_router.scheduling.records import TRANSITIONS, Cause, Phase, Why
@@ -388,3 +388,70 @@ def test_what_a_review_found():
     s(ev.Shutdown())
     s.arrive("a")
     assert list(s.refused().values()) == [Why.LEFT_QUEUE]
+
+
+# -- devices: each its own budget, an RPC server one model at a time ----------------------------
+
+def test_a_model_evicts_an_idle_one_on_its_device_while_a_model_on_another_device_keeps_running():
+    devices = {"gpu0": DeviceLimit(300 * MiB), "gpu1": DeviceLimit(300 * MiB)}
+    s = Script(spec("a", places={"gpu0": 200 * MiB}), spec("b", places={"gpu0": 200 * MiB}),
+               spec("c", places={"gpu1": 200 * MiB}), devices=devices)
+    s.serve("a")
+    s.serve("c")
+    s(ev.Release("a"))
+    ticket = s.arrive("b", after=1)
+    assert s.stopped() == {"a": Cause.EVICTED} and s.phase("c") is P.LOADED
+    s.exited("a")
+    assert s.started() == ["b"] and s.record("b").device == "gpu0"
+    s.ready("b")
+    assert s.admitted() == [ticket] and s.phase("c") is P.LOADED
+
+
+def test_a_busy_model_on_the_device_makes_the_next_wait_then_drains():
+    s = Script(spec("a", places={"gpu0": 200 * MiB}), spec("b", places={"gpu0": 200 * MiB}),
+               devices={"gpu0": DeviceLimit(300 * MiB)})
+    s.serve("a")
+    s.arrive("b", after=0.1)
+    assert s.phase("b") is P.QUEUED and s.phase("a") is P.LOADED
+    s(ev.Tick(), after=MIN_RESIDENT)
+    assert s.phase("a") is P.DRAINING
+    s(ev.Release("a"))
+    s.exited("a")
+    assert s.started() == ["b"]
+
+
+def test_a_model_larger_than_every_device_budget_is_refused_at_once_naming_the_device():
+    s = Script(spec("big", places={"gpu0": 500 * MiB, "gpu1": 400 * MiB}),
+               devices={"gpu0": DeviceLimit(300 * MiB), "gpu1": DeviceLimit(350 * MiB)})
+    ticket = s.arrive("big")
+    assert s.refused() == {ticket: Why.NEVER_FITS_DEVICE} and s.fleet.queue == ()
+    refusal = s.of(fx.Refuse)[0].refusal
+    assert refusal.detail == "gpu1" and refusal.figures["need"] == 400 * MiB and refusal.figures["budget"] == 350 * MiB
+
+
+def test_a_model_that_names_its_device_waits_for_it_though_another_has_room():
+    s = Script(spec("a", places={"gpu0": 200 * MiB}), spec("b", places={"gpu0": 200 * MiB}),
+               devices={"gpu0": DeviceLimit(300 * MiB), "gpu1": DeviceLimit(300 * MiB)})
+    s.serve("a")
+    s.arrive("b")
+    assert s.started() == [] and s.phase("b") is P.QUEUED
+
+
+def test_a_model_free_to_choose_goes_to_the_device_with_room():
+    s = Script(spec("a", places={"gpu0": 200 * MiB}), spec("b", places={"gpu0": 200 * MiB, "gpu1": 200 * MiB}),
+               devices={"gpu0": DeviceLimit(300 * MiB), "gpu1": DeviceLimit(300 * MiB)})
+    s.serve("a")
+    s.arrive("b")
+    assert s.started() == ["b"] and s.record("b").device == "gpu1"
+    assert s.of(fx.Start)[0].device == "gpu1"
+
+
+def test_an_rpc_server_holds_one_model_however_small():
+    rpc = {"127.0.0.1:50052": DeviceLimit(8 << 30, exclusive=True)}
+    s = Script(spec("a", places={"127.0.0.1:50052": MiB}), spec("b", places={"127.0.0.1:50052": MiB}), devices=rpc)
+    s.serve("a")
+    s(ev.Release("a"))
+    s.arrive("b")
+    assert s.stopped() == {"a": Cause.EVICTED} and s.started() == []
+    s.exited("a")
+    assert s.started() == ["b"]

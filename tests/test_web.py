@@ -1,32 +1,16 @@
 """The page at /, in headless Chromium (Debian's), driven by Playwright: list, load, chat, unload."""
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import BUSY_ARGS, chat
+from conftest import BUSY_ARGS, CHROMIUM, chat
 from gguf_router.keys import section
 
-CHROMIUM = shutil.which("chromium")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (scripts/dev installs it)")
-
-
-@pytest.fixture
-def page():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        # The flags keep Chromium from reaching for Google's services, which this network refuses.
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1000, "height": 700})
-        yield page
-        browser.close()
 
 
 def state_of(page, model: str, state: str):

@@ -36,6 +36,11 @@ def memory_status(model: ModelView) -> dict:
         return {}
     estimate, record = model.config.memory, model.record
     status = {"memory_estimate_bytes": estimate.host, "memory_estimate": estimate.as_json()}
+    if model.config.projections:
+        # What it would take on each device it may run on (llama-fit-params' projection, or ours).
+        status["memory_estimate"]["devices"] = {d: p.as_json() for d, p in model.config.projections.items()}
+    if model.holds_slot and record.device is not None:
+        status.update(device=record.device, device_counted_bytes=record.on_device)
     if record.spec.floor:
         status["memory_floor_bytes"] = record.spec.floor  # learned from an out-of-memory kill
     # What the last tick sampled (once a second): looking at the router never changes what it
@@ -270,6 +275,8 @@ async def props(request: Request):
         # What the models may hold together (null: no budget), and what the running ones are counted at.
         "memory_budget_bytes": router.scheduler.limits.budget,
         "memory_reserved_bytes": router.scheduler.fleet.reserved,
+        # Each device the models may run on: its memory, its budget, and what the models on it are counted at.
+        "devices": device_list(router),
         "model_alias": "llama-server",
         "model_path": "none",
         "default_generation_settings": {"params": None, "n_ctx": 0},
@@ -282,6 +289,12 @@ async def props(request: Request):
         "config_error": router.config_error if request.ctx.level is Level.ADMIN else None,
         "cors_proxy_enabled": False,
     })
+
+
+def device_list(router) -> list[dict]:
+    held = router.scheduler.fleet.on_devices()
+    return [{**device.as_json(), "reserved_bytes": held.get(device.id, (0, ()))[0],
+             "models": len(held.get(device.id, (0, ()))[1])} for device in (router.devices or {}).values()]
 
 
 async def metrics(request: Request):

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import hfcache
+from .devices import Device
 from .discovery import Discovery, ModelFile
-from .ini import ConfigError
+from .ini import ConfigError, Value
 from .launchers import LaunchSpec
-from .llama_options import has_gpu, options_of
+from .llama_options import OptionTable, has_gpu, options_of
 from .memory import MiB, MemoryEstimate, estimate, shard_bytes
+from .projection import Projection, project
 from .sizes import size_text
 from .presets import Presets, Section, load_presets, parse_child_args, to_argv
 from .settings import Settings
@@ -38,6 +40,9 @@ class ModelConfig:
     health_timeout: float = 30.0  # seconds without an answer on /health before it is killed
     hidden: bool = False  # a cache entry a preset uses (dedup-cache-models): not listed, still served
     connections: int = 6  # requests forwarded to its child at once (http_connections)
+    # The devices it may run on, with what it takes on each; empty: it runs on the host alone.
+    projections: dict[str, Projection] = field(default_factory=dict)
+    places: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the options that place it on each
 
     @property
     def id(self) -> str:
@@ -112,12 +117,13 @@ def _option_names(section: Section) -> dict[str, str]:
     return {name.lstrip("-"): value for option, value, _ in section.options.values() for name in option.names}
 
 
-def _memory(file: ModelFile, section: Section, gpu: bool, cache_ram: bool) -> tuple[MemoryEstimate | None, list[str]]:
+def _memory(file: ModelFile, section: Section, gpu: bool, cache_ram: bool,
+            assumed: dict[str, str]) -> tuple[MemoryEstimate | None, list[str]]:
     """The estimate, and the options the router adds to bound what it does not count
-    (`cache_ram`: whether this llama-server has the option)."""
+    (`cache_ram`: whether this llama-server has the option; `assumed`: options taken as set)."""
     if file.info is None:
         return None, []
-    options = _option_names(section)
+    options = {**assumed, **_option_names(section)}
     if file.mmproj and "mmproj" not in options:
         options["mmproj"] = str(file.mmproj)
     memory = estimate(file.info, options, file.info.tensor_bytes + shard_bytes(file.path, file.info.split_count), gpu)
@@ -134,9 +140,50 @@ def _preset_text(model_id: str, file: ModelFile, section: Section) -> str:
     return "\n".join(lines) + "\n\n"
 
 
+def _set(section: Section, table: OptionTable, name: str, value: str) -> None:
+    found = table.lookup(name)
+    if found is not None:  # (an older llama-server may lack --fit: it fits nothing then)
+        section.options[found[0].flag] = (found[0], value, Value(value, Path("the router"), 0))
+
+
+def _placement(model_id: str, file: ModelFile, section: Section, table: OptionTable,
+               devices: dict[str, Device]) -> list[str]:
+    """The devices the model may run on (none: the host alone), and its options set so that it
+    starts with what was admitted: with --fit off (unless its preset says fit = on), llama-server
+    would otherwise fit the context and layers it was not told to whatever memory is free then.
+    Its own --device is taken out: the router places it. One that runs on the host alone gets
+    --device none, so that it takes nothing on a device behind the budgets' back (llama-server
+    would compute on a GPU even with no layers there)."""
+    named = section.options.pop("--device", None)
+    layers = section.options.get("--n-gpu-layers")
+    if (named and named[1].strip().lower() == "none") or (layers and layers[1].strip() in ("0", "0.0")):
+        _set(section, table, "device", "none")
+        return []
+    if named:
+        wanted = [name.strip() for name in named[1].split(",") if name.strip()]
+        by_name = {d.name.lower(): d.id for d in devices.values() if not d.rpc}
+        unknown = [name for name in wanted if name not in devices and name.lower() not in by_name]
+        if unknown:
+            raise ConfigError(named[2].where, f"[{model_id}] device = {named[1]}: no device {unknown[0]!r}; the "
+                              f"router's devices are {', '.join(devices)} (an RPC device by its endpoint), or none")
+        candidates = [name if name in devices else by_name[name.lower()] for name in wanted]
+    else:
+        candidates = list(devices)
+    fit = section.options.get("--fit")
+    if fit is None or fit[1] == "off":
+        _set(section, table, "fit", "off")
+        if layers is None or layers[1] == "auto":
+            _set(section, table, "n-gpu-layers", "999")  # all (a number: older builds lack `all`)
+        if "--ctx-size" not in section.options and file.info is not None and file.info.context_length:
+            _set(section, table, "ctx-size", str(file.info.context_length))
+    return candidates
+
+
 def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Section,
-          runtime_dir: Path) -> Catalog:
-    """Blocking: run it in a thread from async code."""
+          runtime_dir: Path, devices: dict[str, Device] | None = None, busy: frozenset[str] = frozenset()) -> Catalog:
+    """Blocking: run it in a thread from async code. `devices`: the router's, by id (devices.py);
+    `busy`: RPC devices a child holds, which would keep a question waiting."""
+    devices = devices or {}
     files = discovery.scan()
     warnings: list[str] = []
     hf_paths: dict[str, dict[str, Path]] = {}  # preset -> {hf key: the cache file it resolved to}
@@ -172,6 +219,7 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
     gpu = has_gpu(settings.llama_server)
     table = options_of(settings.llama_server)
     cache_ram = table.lookup("cache-ram") is not None
+    fit_params = settings.llama_server.with_name("llama-fit-params")
     for model_id, file in files.items():
         section = presets.for_model(model_id)
         effective = Section({**section.options, **cli.options}, section.router, section.model)
@@ -180,8 +228,28 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
             hf_paths.setdefault(model_id, {})["spec-draft-hf"] = draft
             option, _ = table.lookup("LLAMA_ARG_SPEC_DRAFT_MODEL")
             effective.options.setdefault(option.flag, (option, str(draft), section.hf["spec-draft-hf"]))
-        memory, added = _memory(file, effective, gpu, cache_ram)
+        # A preset's own --rpc runs on its own devices, outside the router's budgets.
+        candidates = (_placement(model_id, file, effective, table, devices)
+                      if devices and "--rpc" not in effective.options else [])
+        # With fit = on, llama-server decides the layers: all of them are counted on the device.
+        memory, added = _memory(file, effective, gpu or bool(candidates), cache_ram,
+                                {"ngl": "999"} if candidates and "--n-gpu-layers" not in effective.options else {})
         names = _option_names(effective)
+        projections = {}
+        if memory is not None:
+            if file.mmproj and "mmproj" not in names:
+                names["mmproj"] = str(file.mmproj)
+            if candidates and "ngl" not in names:
+                names["ngl"] = "999"  # fit = on: projected with every layer on the device
+            projections = {d: project(fit_params, file.path, names, devices[d], memory, d not in busy)
+                           for d in candidates}
+            measured = next((p for p in projections.values() if p.source == "llama-fit-params"), None)
+            if measured is not None:
+                # The host keeps the weights llama-fit-params says, not our even split by layer: the
+                # token embeddings stay there, and a tied output matrix is loaded twice (host and device).
+                off_host = max(memory.weights - measured.host_model, 0)
+                memory = replace(memory, device=memory.device - memory.device_weights + off_host,
+                                 device_weights=off_host)
         if "threads" not in names and (share := thread_share(settings.models_max)) is not None:
             added += ["--threads", str(share)]
         socket = socket_path(runtime_dir, model_id)
@@ -197,13 +265,15 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
             stop_timeout=router.get("stop-timeout", settings.stop_timeout),
             environment=router.get("environment", ()),
             limits={prop: router[key] for key, prop in UNIT_LIMITS.items() if key in router},
-            devices=router.get("devices", ()), network="--rpc" in effective.options, stall_timeout=health_timeout)
+            devices=router.get("devices", ()), stall_timeout=health_timeout,
+            network="--rpc" in effective.options or any(devices[d].rpc for d in candidates))
         models[model_id] = ModelConfig(
             file=file, launch=launch, aliases=router.get("alias", ()),
             load_on_startup=router.get("load-on-startup", False),
             preset_text=_preset_text(model_id, file, effective), memory=memory,
             pinned=router.get("pin", False), ttl=router.get("ttl", settings.models_ttl),
-            health_timeout=health_timeout, connections=http_connections(names))
+            health_timeout=health_timeout, connections=http_connections(names), projections=projections,
+            places={d: devices[d].child_args() for d in projections})
     _check_aliases(models, presets, warnings)
     _check_pinned(models, presets, settings.budget_bytes())
     _hide_deduplicated(models, presets, hf_paths)

@@ -80,22 +80,35 @@ def _idle(status: dict) -> str:
 
 
 def ps(client: Client, show_all: bool) -> None:
-    rows = [("MODEL", "STATE", "ESTIMATE", "MEMORY", "PEAK", "LIMIT", "IDLE FOR", "UNIT")]
+    props = client.call("GET", "/props")
+    devices = props.get("devices") or []  # a DEVICE column where models may run on one
+    rows = [("MODEL", "STATE", "ESTIMATE", "MEMORY", "PEAK", "LIMIT", *(("DEVICE",) if devices else ()), "IDLE FOR",
+             "UNIT")]
     for entry in client.call("GET", "/models")["data"]:
         status = entry["status"]
         if not show_all and status["value"] in ("unloaded", "invalid") and not status.get("failed"):
             continue
         state = status["value"] + (f" ({status['error']})" if status.get("failed") and status.get("error") else "")
         rows.append((entry["id"], state, _size(status.get("memory_estimate_bytes")), _size(status.get("memory_bytes")),
-                     _size(status.get("memory_peak_bytes")), _size(status.get("memory_limit_bytes")), _idle(status),
-                     status.get("unit", "-")))
+                     _size(status.get("memory_peak_bytes")), _size(status.get("memory_limit_bytes")),
+                     *((_device(status),) if devices else ()), _idle(status), status.get("unit", "-")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    props = client.call("GET", "/props")
     if props.get("memory_budget_bytes"):
         print(f"memory budget {size_text(props['memory_budget_bytes'])}: "
               f"{size_text(props.get('memory_reserved_bytes') or 0)} counted for the running models")
+    for device in devices:
+        print(f"device {device['id']} ({device['description']}): budget {size_text(device['budget_bytes'])}, "
+              f"{size_text(device['reserved_bytes'])} counted for {device['models']} models; "
+              f"{size_text(device['total_bytes'])} total" + ("" if device["answered"] else "; did not answer"))
+
+
+def _device(status: dict) -> str:
+    """Where it runs and what it is counted at there."""
+    if not status.get("device"):
+        return "-"
+    return f"{status['device']} {_size(status.get('device_counted_bytes'))}"
 
 
 def logs(client: Client, model: str, follow: bool, lines: int) -> None:

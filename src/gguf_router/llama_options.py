@@ -138,21 +138,25 @@ def options_of(llama_server: Path) -> OptionTable:
 
 
 @functools.lru_cache(maxsize=4)
-def _gpus(path: str, mtime_ns: int) -> tuple[str, ...]:
+def _devices(path: str, mtime_ns: int) -> str:
     try:
-        text = _answer(path, "--list-devices")
+        return _answer(path, "--list-devices")
     except (OSError, subprocess.TimeoutExpired):
-        return ()
-    _, _, listed = text.partition("Available devices:")
-    return tuple(line.strip() for line in listed.splitlines() if line.strip() and line.strip() != "(none)")
+        return ""
+
+
+def list_devices(llama_server: Path) -> str:
+    """What `llama-server --list-devices` prints: its local devices (devices.py reads it)."""
+    try:
+        return _devices(str(llama_server), llama_server.stat().st_mtime_ns)
+    except OSError:
+        return ""
 
 
 def has_gpu(llama_server: Path) -> bool:
     """Whether this llama-server sees a device to offload layers to (a CPU-only build lists none)."""
-    try:
-        return bool(_gpus(str(llama_server), llama_server.stat().st_mtime_ns))
-    except OSError:
-        return False
+    _, _, listed = list_devices(llama_server).partition("Available devices:")
+    return any(line.strip() and line.strip() != "(none)" for line in listed.splitlines())
 
 
 @functools.lru_cache(maxsize=4)

@@ -87,6 +87,7 @@ class MemoryEstimate:
     prompt_cache: int  # what llama-server's prompt cache may grow to (--cache-ram)
     n_ctx: int
     conservative: str | None = None  # why the layout was not known, when it was not
+    device_weights: int = 0  # of `device`, the weights not on the host (the rest: the offloaded layers' KV cache)
 
     @property
     def host(self) -> int:
@@ -194,6 +195,15 @@ def shard_bytes(path: Path, split_count: int) -> int:
                for i in range(2, split_count + 1))
 
 
+def slots(options: dict[str, str]) -> tuple[int, bool]:
+    """llama-server's parallel slots, and whether they share one unified KV cache."""
+    n_parallel = int(_number(options, -1, "np", "parallel"))
+    unified = _flag(options, "kvu", "kv-unified")
+    if n_parallel < 0:  # the server's auto: 4 slots sharing one cache
+        n_parallel, unified = 4, True if unified is None else unified
+    return max(n_parallel, 1), bool(unified)
+
+
 def estimate(info: GGUFInfo, options: dict[str, str], weights: int | None = None,
              has_device: bool = False) -> MemoryEstimate:
     """`options`: the child's llama-server options, by every name each is known by (`c`,
@@ -222,12 +232,7 @@ def estimate(info: GGUFInfo, options: dict[str, str], weights: int | None = None
     n_ctx = int(_number(options, 0, "c", "ctx-size"))
     if n_ctx <= 0:  # 0: the context the model was trained with
         n_ctx = int(info.context_length or 4096)
-    n_parallel = int(_number(options, -1, "np", "parallel"))
-    unified = _flag(options, "kvu", "kv-unified")
-    if n_parallel < 0:  # the server's auto: 4 slots sharing one cache
-        n_parallel, unified = 4, True if unified is None else unified
-    n_parallel = max(n_parallel, 1)
-    unified = bool(unified)
+    n_parallel, unified = slots(options)
     n_ctx = -(-n_ctx // KV_PAD) * KV_PAD
     n_ctx_seq = n_ctx if unified else -(-(n_ctx // n_parallel) // KV_PAD) * KV_PAD
     n_ctx = n_ctx if unified else n_ctx_seq * n_parallel
@@ -274,12 +279,14 @@ def estimate(info: GGUFInfo, options: dict[str, str], weights: int | None = None
             extra += sum(_file_size(p) for p in options[name].split(","))
 
     # --n-gpu-layers on a build with a GPU: that share of the layers' weights and cache goes there.
-    device = 0
-    n_gpu = _number(options, 0, "ngl", "gpu-layers", "n-gpu-layers")
+    device = device_weights = 0
+    layers = next((options[n] for n in ("ngl", "gpu-layers", "n-gpu-layers") if n in options), "0")
+    n_gpu = -1 if layers in ("all", "auto") else _number({"ngl": layers}, 0, "ngl")
     if has_device and n_gpu:
         on_device = min(n_layer, int(n_gpu) if n_gpu >= 0 else n_layer)
+        # The output layer goes with the last repeating one: all of them offloaded, it is too.
         per_layer_weights = weights / (n_layer + 1)
-        device = int(per_layer_weights * on_device)
+        device = device_weights = int(per_layer_weights * (on_device + (on_device == n_layer)))
         if _flag(options, "kvo", "kv-offload") is not False:
             device += sum(kv_layers[n_layer - on_device:])
 
@@ -289,7 +296,7 @@ def estimate(info: GGUFInfo, options: dict[str, str], weights: int | None = None
         kv_cache = max(kv_cache, sum(_type_bytes(type_k, n_ctx * head_k * h) + _type_bytes(type_v, n_ctx * head_v * h)
                                      for h in heads))
     return MemoryEstimate(weights, kv_cache, compute, output, process, extra, device,
-                          int(min(prompt_cache, 64 * GiB)), n_ctx, conservative)
+                          int(min(prompt_cache, 64 * GiB)), n_ctx, conservative, device_weights)
 
 
 FLOOR_MARGIN = 1.2  # a model killed for memory is taken to need its peak plus a fifth from then on

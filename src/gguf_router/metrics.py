@@ -124,8 +124,17 @@ def router_families(router, models: list, request_counts: dict, admin: bool) -> 
                         "kind (prompt, completion)")
     for (key, model_id, kind), count in sorted(router.usage.tokens.items()) if admin else ():
         key_tokens.add(count, key=key, model=model_id, kind=kind)
+    device_budget = Family("gguf_router_device_budget_bytes", "gauge", "device memory the models on it may hold")
+    device_total = Family("gguf_router_device_memory_bytes", "gauge", "device memory as llama-server lists it")
+    device_reserved = Family("gguf_router_device_reserved_bytes", "gauge", "what the models on it are counted at")
+    held = fleet.on_devices()
+    for device in (router.devices or {}).values():
+        device_budget.add(device.budget, device=device.id)
+        device_total.add(device.total, device=device.id)
+        device_reserved.add(held.get(device.id, (0, ()))[0], device=device.id)
     families = [state, *counters.values(), load_seconds, in_flight, queued, memory, peak, estimate, limit, requests,
-                waited, refused, budget, reserved, key_requests, key_tokens]
+                waited, refused, budget, reserved, device_budget, device_total, device_reserved, key_requests,
+                key_tokens]
     for name, kind, help, value in own:
         family = Family(f"gguf_router_{name}", kind, help)
         family.add(value)

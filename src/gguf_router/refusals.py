@@ -28,6 +28,17 @@ def http_error(refused: Refused) -> RouterError:
             return RouterError(503, f"model '{model}' needs an estimated {size_text(f['need'])}{beside}, more than "
                                f"the memory budget of {size_text(f['budget'])} (--memory-budget): lower its context "
                                f"(preset key ctx-size) or raise the budget")
+        case Why.NEVER_FITS_DEVICE:
+            if f["pinned"] and f["exclusive"]:
+                return RouterError(503, f"model '{model}' can only run on device {detail}, which a pinned model "
+                                   "holds (an RPC server serves one model at a time): unpin it (preset key pin) or "
+                                   "place this model elsewhere (preset key device)")
+            where = f"every device it may run on, closest {detail}" if f["choices"] > 1 else f"device {detail}"
+            beside = f" beside the pinned models' {size_text(f['pinned'])}" if f["pinned"] else ""
+            return RouterError(503, f"model '{model}' needs {size_text(f['need'])}{beside} on {where}, more than its "
+                               f"budget of {size_text(f['budget'])} (--device-budget {detail}:SIZE, or "
+                               "--device-reserve): offload fewer layers (preset key n-gpu-layers), lower its context "
+                               "(ctx-size), or raise the device's budget")
         case Why.QUEUE_FULL:
             return RouterError(503, f"too many requests are waiting for models to load ({f['waiting']}, "
                                f"--queue-max {f['limit']}); try again later", headers=later)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import hfcache, tls
 from .catalog import build
+from .devices import Device, device_line, discover, parse_budgets
 from .config import load_config
 from .conversations import Conversations
 from .discovery import Discovery
@@ -21,11 +22,11 @@ from .ini import ConfigError
 from .launchers import create_launcher
 from .keys import DEFAULT_KEYS, Level
 from .scheduling.floors import Floors
-from .policy import Limits
+from .policy import DeviceLimit, Limits
 from .quotas import Quotas
 from .refusals import http_error
 from .scheduling import QueueLimits, Scheduler
-from .scheduling.records import Phase, Refused
+from .scheduling.records import HOLDS_SLOT, Phase, Refused
 from .settings import Settings
 from .systemd import Notifier
 from .usage import FILE as USAGE_FILE, Usage
@@ -57,8 +58,25 @@ def open_usage(path: Path) -> Usage:
         return Usage(Path(":memory:"))
 
 
-def scheduling_limits(settings: Settings) -> Limits:
-    return Limits(settings.models_max, settings.budget_bytes())
+def scheduling_limits(settings: Settings, devices: dict[str, Device]) -> Limits:
+    return Limits(settings.models_max, settings.budget_bytes(),
+                  {d.id: DeviceLimit(d.budget, d.exclusive) for d in devices.values()})
+
+
+def find_devices(settings: Settings, known: dict[str, Device], held: set[str]) -> dict[str, Device]:
+    """Blocking: the devices of the configured llama-server and --rpc endpoints. One a child
+    holds is not asked (an RPC server would keep the question waiting): what was known stands."""
+    from .sizes import parse_size
+    budgets = parse_budgets(settings.device_budget)
+    asked = tuple(endpoint for endpoint in settings.rpc if endpoint not in held)
+    devices = discover(settings.llama_server, asked, parse_size(settings.device_reserve, total=1), budgets, known)
+    devices.update({d: known[d] for d in held if d in known and d in settings.rpc})
+    devices = {d: devices[d] for d in [*(d for d in devices if d not in settings.rpc), *settings.rpc] if d in devices}
+    unknown = [d for d in budgets if d not in devices and not any(x.name == d for x in devices.values() if not x.rpc)]
+    if unknown:
+        raise ConfigError("device-budget", f"no device {unknown[0]!r}: the devices are "
+                          f"{', '.join(devices) or 'none (a CPU-only llama-server without --rpc)'}")
+    return devices
 
 
 def queue_limits(settings: Settings) -> QueueLimits:
@@ -74,8 +92,9 @@ class Router:
         self.runtime_dir = settings.runtime_dir or Path(tempfile.mkdtemp(prefix="gguf-router-"))
         self.discovery = Discovery(settings.models_dir, settings.hf_cache)
         self.events = Events()
+        self.devices: dict[str, Device] | None = None  # found at start, asked again on a reload of the config
         self.scheduler = Scheduler(create_launcher(settings.launcher, self.runtime_dir),
-                                   scheduling_limits(settings), self.events,
+                                   scheduling_limits(settings, {}), self.events,
                                    Floors(settings.state_dir / "memory-floors.json"), queue_limits(settings))
         self._session: aiohttp.ClientSession | None = None
         self._hub_session: aiohttp.ClientSession | None = None
@@ -148,16 +167,26 @@ class Router:
                     log.warning("%s changed in the config; it takes effect when the router restarts",
                                 name.replace("_", "-"))
         settings = config.settings
+        devices = self.devices
+        held = frozenset(r.device for r in self.scheduler.fleet.models.values()
+                         if r.device is not None and r.phase in HOLDS_SLOT)
+        if reread_config or devices is None:
+            devices = await asyncio.to_thread(find_devices, settings, self.devices or {}, held)
         discovery.writing = frozenset(self.watcher.writing)  # a copy: the scan runs in a thread
+        busy = frozenset(d for d in held if d in devices and devices[d].exclusive)
         catalog = await asyncio.to_thread(build, settings, discovery, config.presets, config.child_options,
-                                          self.runtime_dir)
+                                          self.runtime_dir, devices, busy)
+        if devices != self.devices:
+            for device in devices.values():
+                log.info("%s", device_line(device))
+        self.devices = devices
         watched_before = self._watched()
         self.config = config
         if reread_config:
             await asyncio.to_thread(tls.refresh, self.tls, settings)
         self.discovery = discovery
         discovery.settle = SETTLE
-        self.scheduler.set_catalog(catalog.models, scheduling_limits(settings), queue_limits(settings))
+        self.scheduler.set_catalog(catalog.models, scheduling_limits(settings, devices), queue_limits(settings))
         self.unfetched = catalog.unfetched
         for warning in catalog.warnings:
             if warning not in self._warned:

@@ -118,6 +118,17 @@ class Settings:
                                  "--memory-reserve), a size (20G), a share of RAM (80%%), or off", metavar="SIZE")
     memory_reserve: str = setting("1G", "memory kept free for everything else with --memory-budget auto (default 1G)",
                                   metavar="SIZE")
+    # Accelerators (devices.py): each device's memory is a budget of its own. ggml-rpc-server
+    # endpoints are devices too; a child placed on one gets that endpoint alone.
+    rpc: tuple[str, ...] = setting(
+        (), "a ggml-rpc-server (HOST:PORT) whose device the models may run on, each model on one device at a time; "
+            "repeatable or comma-separated (llama-server's --rpc)", flags=("--rpc",), metavar="HOST:PORT")
+    device_reserve: str = setting("512M", "device memory kept free on each device beyond its models (default 512M)",
+                                  metavar="SIZE")
+    device_budget: tuple[str, ...] = setting(
+        (), "what the models on a device may take together, instead of its memory less --device-reserve: ID:SIZE "
+            "(ID: a device's name such as CUDA0, or an RPC endpoint); repeatable or comma-separated",
+        metavar="ID:SIZE")
     queue_max: int = setting(256, "requests that may wait for models to load, all together (default 256)",
                              metavar="N", low=1)
     queue_timeout: float = setting(
@@ -261,7 +272,7 @@ class Settings:
                              "tls-cert-file and tls-key-file go together: set both or neither")
         if self.launcher not in typing.get_args(_LAUNCHERS):
             raise FieldError("launcher", f"unknown launcher {self.launcher!r}: use auto, process or systemd")
-        for name in ("max_body", "memory_reserve", "memory_budget"):
+        for name in ("max_body", "memory_reserve", "memory_budget", "device_reserve"):
             value = getattr(self, name).strip().lower()
             if not (name == "memory_budget" and value in ("auto", "off")):
                 try:
@@ -269,6 +280,11 @@ class Settings:
                 except ValueError as exc:
                     raise FieldError(name, str(exc)) from None
             object.__setattr__(self, name, value)
+        from .devices import parse_budgets
+        try:
+            parse_budgets(self.device_budget)
+        except ValueError as exc:
+            raise FieldError("device_budget", str(exc)) from None
         level = self.log_level.upper()
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise FieldError("log_level", f"unknown log level {self.log_level!r}: use debug, info, warning or error")

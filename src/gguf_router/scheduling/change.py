@@ -118,11 +118,21 @@ class Change:
     def never_fits(self, rec: ModelRecord) -> Refusal | None:
         """Refused at once: a model that could not start even with every other model stopped that may be."""
         budget = self.limits.budget
-        pinned = sum(m.counted for m in map(self.models.get, self.holding) if m is not rec and m.spec.pinned)
-        if not policy.never_fits(rec.counted, pinned, budget):
+        pinned = [m for m in map(self.models.get, self.holding) if m is not rec and m.spec.pinned]
+        held = sum(m.counted for m in pinned)
+        if policy.never_fits(rec.counted, held, budget):
+            self.refused["never_fits"] += 1
+            return Refusal(Why.NEVER_FITS, rec.id, figures={"need": rec.counted, "pinned": held, "budget": budget})
+        short = policy.device_short(rec.spec.places, [r for r in self.running() if r.pinned and r.id != rec.id],
+                                    self.limits)
+        if short is None:
             return None
+        device, need, held = short
+        limit = self.limits.devices.get(device)
         self.refused["never_fits"] += 1
-        return Refusal(Why.NEVER_FITS, rec.id, figures={"need": rec.counted, "pinned": pinned, "budget": budget})
+        return Refusal(Why.NEVER_FITS_DEVICE, rec.id, device, figures={
+            "need": need, "pinned": held, "budget": limit.budget if limit else 0,
+            "exclusive": int(bool(limit and limit.exclusive)), "choices": len(rec.spec.places)})
 
     # -- children ---------------------------------------------------------------------------
 
@@ -212,7 +222,8 @@ class Change:
                                r.idle, r.last_used, r.counted, r.spec.pinned, r.spec.ttl,
                                busy=r.phase is P.LOADED and r.in_flight > 0,
                                draining=r.phase is P.DRAINING and r.cause is Cause.EVICTED,
-                               loaded_at=r.loaded_at, load_took=r.load_took)
+                               loaded_at=r.loaded_at, load_took=r.load_took, device=r.device,
+                               device_bytes=r.on_device)
                 for r in map(self.models.get, self.holding)]
 
     def pump(self) -> None:
@@ -221,14 +232,17 @@ class Change:
         if self.closing or not (self.queue or self.old.queue):
             return
         running = self.running()
-        entries = [policy.Waiting(m.id, m.counted, m.phase is P.QUEUED) for m in map(self.models.get, self.queue)]
+        entries = [policy.Waiting(m.id, m.counted, m.phase is P.QUEUED, m.spec.places)
+                   for m in map(self.models.get, self.queue)]
         decision = policy.admit(entries, running, self.limits, self.now)
         for model_id in decision.start:
             rec = self.models[model_id]
             self.queue.remove(model_id)
-            self.move(rec, P.LOADING, held=False, stale=False, generation=rec.generation + 1, started_at=self.now,
-                      killed_for=None)
-            self.effects.append(fx.Start(model_id, rec.generation + 1))
+            device = decision.placed.get(model_id)
+            self.move(rec, P.LOADING, f"on device {device}" if device else "", held=False, stale=False,
+                      generation=rec.generation + 1, started_at=self.now, killed_for=None, device=device,
+                      device_bytes=rec.spec.places.get(device, 0) if device else 0)
+            self.effects.append(fx.Start(model_id, rec.generation + 1, device))
         for model_id in decision.stop:
             self.stop(self.models[model_id], Cause.EVICTED)
         for r in running:

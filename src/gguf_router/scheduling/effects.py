@@ -11,6 +11,7 @@ from .records import Cause, Refusal
 class Start:
     model: str
     generation: int
+    device: str | None = None  # the device it is placed on, if any
 
 
 @dataclass(frozen=True)

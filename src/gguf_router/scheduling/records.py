@@ -95,6 +95,8 @@ class ModelSpec:
     pinned: bool = False
     ttl: float = 0.0  # seconds idle before it is stopped; 0 = never
     unusable: str | None = None  # why its file cannot be loaded
+    # The devices it may run on, with the bytes it takes on each; empty: it runs on the host alone.
+    places: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ class ModelRecord:
     loaded_at: float = 0.0  # when its child became ready
     load_took: float = 0.0  # seconds its last load took
     generation: int = 0  # counts launches: inputs about an earlier child are ignored
+    device: str | None = None  # where its child runs (or last ran), when it runs on a device
+    device_bytes: int = 0  # what it was admitted at there: a reload's new figures wait for its next child
     progress: float | None = None
     info: Mapping | None = None  # the child's own /v1/models entry, from when it became ready
     memory: MemoryUse | None = None  # the running child's, as the last tick sampled it
@@ -132,6 +136,11 @@ class ModelRecord:
         """The memory it is taken to need: its estimate, or more if it needed more before (a floor
         learned from an out-of-memory kill) or is seen using more now."""
         return max(self.spec.estimate, self.spec.floor, self.peak if self.phase in HOLDS_SLOT else 0)
+
+    @property
+    def on_device(self) -> int:
+        """What it is counted at on its device."""
+        return self.device_bytes if self.device is not None else 0
 
     @property
     def waiting(self) -> int:
@@ -160,6 +169,15 @@ class Fleet:
         """The memory the models holding slots are counted at."""
         return sum(self.models[m].counted for m in self.holding)
 
+    def on_devices(self) -> dict[str, tuple[int, tuple[str, ...]]]:
+        """Per device, what the models holding slots there are counted at, and those models."""
+        held: dict[str, tuple[int, tuple[str, ...]]] = {}
+        for rec in map(self.models.get, self.holding):
+            if rec.device is not None:
+                used, ids = held.get(rec.device, (0, ()))
+                held[rec.device] = (used + rec.on_device, (*ids, rec.id))
+        return held
+
     def position(self, model_id: str) -> int | None:
         """1 for the first queue entry, and so on; None when it is not queued."""
         return self.queue.index(model_id) + 1 if model_id in self.queue else None
@@ -173,6 +191,7 @@ class Why(enum.Enum):
     NOT_LOADED = "not_loaded"  # autoload is off
     FAILED = "failed"
     NEVER_FITS = "never_fits"
+    NEVER_FITS_DEVICE = "never_fits_device"
     QUEUE_FULL = "queue_full"
     QUEUE_TIMEOUT = "queue_timeout"
     LEFT_QUEUE = "left_queue"

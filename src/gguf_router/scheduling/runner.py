@@ -26,7 +26,7 @@ from ..memory import memory_limits
 from .floors import Floors
 from . import effects as fx
 from . import inputs as ev
-from .records import Fleet, ModelRecord, ModelSpec, Phase, Refusal, Refused, Why
+from .records import HOLDS_SLOT, Fleet, ModelRecord, ModelSpec, Phase, Refusal, Refused, Why
 from .step import step
 from .views import ModelView, Serving
 
@@ -144,7 +144,10 @@ class Scheduler:
             memory_max, memory_high = memory_limits(config.memory, record.spec.floor)
             limits["MemoryMax"] = str(memory_max)
             limits.setdefault("MemoryHigh", str(memory_high))
-        return replace(config.launch, limits=limits)
+        argv = config.launch.argv
+        if record.device is not None and record.phase in HOLDS_SLOT:
+            argv = (*argv, *config.places.get(record.device, ()))
+        return replace(config.launch, limits=limits, argv=argv)
 
     async def until(self, done: Callable[[], bool]) -> None:
         """Returns once `done()` holds, looking after each step."""
@@ -167,9 +170,10 @@ class Scheduler:
         self._forget_configs()
 
     def _spec(self, config: ModelConfig) -> ModelSpec:
-        return ModelSpec(config.id, (config.argv, config.file.stamp), config.argv,
+        return ModelSpec(config.id, (config.argv, config.file.stamp, tuple(config.places.items())), config.argv,
                          config.memory.host if config.memory else 0, self.floors.get(config.id, config.argv),
-                         config.pinned, config.ttl, config.file.error)
+                         config.pinned, config.ttl, config.file.error,
+                         {device: p.total for device, p in config.projections.items()})
 
     def _forget_configs(self) -> None:
         for model_id in set(self.configs) - set(self.fleet.models):

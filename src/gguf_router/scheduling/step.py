@@ -210,7 +210,8 @@ def _adopted(c: Change, e: ev.Adopted) -> None:
     if rec is None or rec.removed:  # a reload dropped it while the launcher looked
         c.effects.append(fx.Keep(e.model, 0, False))
         return
-    fits = rec.phase is P.UNLOADED and bool(
+    # A child on a device is not adopted: which device it holds is not known to this router.
+    fits = rec.phase is P.UNLOADED and not rec.spec.places and bool(
         policy.admit([policy.Waiting(rec.id, rec.counted)], c.running(), c.limits, c.now).start)
     if not fits:
         c.log(logging.INFO, f"model {rec.id}: not adopted, no room for it; stopping its unit")

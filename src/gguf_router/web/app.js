@@ -92,26 +92,46 @@ async function showUsage() {
 }
 
 // The memory budget as a bar: a segment per running model, as wide as what the budget counts it
-// at (its estimate, or its peak if higher), darker as far as it really uses.
+// at (its estimate, or its peak if higher), darker as far as it really uses. Then one bar per
+// device, a segment per model running there, as wide as what it is counted at on the device.
 function showBudget(models, props) {
   const budget = props.memory_budget_bytes;
   $("budget").hidden = !budget;
-  if (!budget) return;
-  const bar = $("budget-bar");
+  if (budget) {
+    fillBar($("budget-bar"), budget, models.filter((m) => m.status.memory_counted_bytes), (m) => m.status.memory_counted_bytes,
+            (m) => m.status.memory_bytes);
+    $("budget-text").textContent = `memory budget ${size(budget)}: ${size(props.memory_reserved_bytes) || "0 B"} counted`;
+  }
+  const devices = $("devices");
+  devices.replaceChildren();
+  for (const d of props.devices || []) {
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    bar.dataset.device = d.id;
+    fillBar(bar, d.budget_bytes, models.filter((m) => m.status.device === d.id), (m) => m.status.device_counted_bytes,
+            () => null);
+    const text = document.createElement("span");
+    text.className = "bar-text";
+    text.textContent = `device ${d.id} (${d.description}): budget ${size(d.budget_bytes) || "0 B"}, ` +
+      `${size(d.reserved_bytes) || "0 B"} counted` + (d.exclusive ? "; one model at a time" : "");
+    devices.append(bar, text);
+  }
+}
+
+function fillBar(bar, budget, models, counted, used) {
   bar.replaceChildren();
-  for (const m of models.filter((m) => m.status.memory_counted_bytes)) {
+  for (const m of models) {
     const segment = document.createElement("div");
     segment.className = "counted";
     segment.dataset.model = m.id;
-    segment.style.width = (100 * m.status.memory_counted_bytes / budget) + "%";
-    segment.title = `${m.id}: counted ${size(m.status.memory_counted_bytes)}, using ${size(m.status.memory_bytes) || "-"}`;
-    const used = document.createElement("div");
-    used.className = "used";
-    used.style.width = Math.min(100, 100 * (m.status.memory_bytes || 0) / m.status.memory_counted_bytes) + "%";
-    segment.append(used, m.id);
+    segment.style.width = (100 * counted(m) / budget) + "%";
+    segment.title = `${m.id}: counted ${size(counted(m))}` + (used(m) ? `, using ${size(used(m))}` : "");
+    const share = document.createElement("div");
+    share.className = "used";
+    share.style.width = Math.min(100, 100 * (used(m) || 0) / counted(m)) + "%";
+    segment.append(share, m.id);
     bar.append(segment);
   }
-  $("budget-text").textContent = `memory budget ${size(budget)}: ${size(props.memory_reserved_bytes) || "0 B"} counted`;
 }
 
 // Reads an SSE response body (fetch, not EventSource: EventSource cannot send the API key).
