@@ -181,3 +181,20 @@ def test_a_drain_under_way_is_kept_rather_than_a_second_one_started_elsewhere():
                on("m2", "gpu1", 3 * GB, idle_=False, loaded_at=-100)]
     d = admit([Waiting("x", 0, places={"gpu0": 2 * GB, "gpu1": 2 * GB})], running, Limits(devices=TWO), now=0)
     assert d.drain == ["m1"]
+
+
+def test_a_model_for_an_empty_device_passes_one_waiting_for_a_busy_device():
+    running = [on("busy", "gpu0", 3 * GB, idle_=False)]  # not resident long enough to drain
+    queue = [Waiting("a", 0, places={"gpu0": 2 * GB}), Waiting("b", 0, places={"gpu1": 2 * GB}),
+             Waiting("c", 0, places={"gpu0": GB, "gpu1": GB}), Waiting("d", 0, places={"gpu0": GB})]
+    d = admit(queue, running, Limits(devices=TWO), now=0)
+    # c goes to gpu1 too, never to gpu0, which a waits for; d could only take gpu0 from a: it waits.
+    assert d.start == ["b", "c"] and d.placed == {"b": "gpu1", "c": "gpu1"}
+
+
+def test_nothing_passes_an_entry_that_waits_for_a_slot_or_host_memory():
+    running = [on("busy", "gpu0", GB, idle_=False)]
+    queue = [Waiting("a", 0, places={"gpu0": GB}), Waiting("b", 0, places={"gpu1": GB})]
+    assert admit(queue, running, Limits(models_max=1, devices=TWO)).start == []
+    host = [Waiting("h", 2 * GB), Waiting("b", 0, places={"gpu1": GB})]
+    assert admit(host, [busy("x", size=GB)], Limits(budget=2 * GB, devices=TWO)).start == []

@@ -455,3 +455,32 @@ def test_an_rpc_server_holds_one_model_however_small():
     assert s.stopped() == {"a": Cause.EVICTED} and s.started() == []
     s.exited("a")
     assert s.started() == ["b"]
+
+
+def test_a_load_out_of_device_memory_is_said_so_and_counts_the_model_higher_there_from_then_on():
+    s = Script(spec("a", places={"gpu0": 200 * MiB}), devices={"gpu0": DeviceLimit(300 * MiB)})
+    ticket = s.arrive("a")
+    s(ev.LaunchFailed("a", s.generation("a"), "exited while loading", 1,
+                      log_tail=("ggml_cuda: allocating 180.00 MiB on device 0: cudaMalloc failed: out of memory",),
+                      device_oom=True))
+    refusal = s.of(fx.Refuse)[0].refusal
+    assert refusal.why is Why.LOAD_FAILED and refusal.detail.startswith("out of device memory on gpu0")
+    assert s.record("a").last_exit.reason == "out of device memory on gpu0 while loading"
+    assert s.record("a").places == {"gpu0": 240 * MiB} and ticket in s.refused()
+    s.configure(dict(s.specs))  # a reload that changes nothing keeps what was learned
+    assert s.record("a").places == {"gpu0": 240 * MiB}
+    s.arrive("a")
+    assert s.record("a").device_bytes == 240 * MiB
+    for floor_mib in (288, 345.6):
+        s(ev.LaunchFailed("a", s.generation("a"), "exited while loading", 1, device_oom=True))
+        assert s.record("a").places == {"gpu0": int(floor_mib * MiB)} and list(s.refused().values()) == [Why.LOAD_FAILED]
+        s.arrive("a")
+    assert list(s.refused().values()) == [Why.NEVER_FITS_DEVICE]  # 345.6 MiB can never fit its 300
+
+
+def test_the_log_lines_of_a_device_out_of_memory_are_known():
+    from gguf_router.devices import out_of_device_memory
+    assert out_of_device_memory(("llama_model_load: error loading model: unable to allocate CUDA0 buffer",))
+    assert out_of_device_memory(("ggml_backend_cuda_buffer_type_alloc_buffer: allocating 512.00 MiB on device 0: "
+                                 "cudaMalloc failed: out of memory",))
+    assert not out_of_device_memory(("srv  load_model: loading model", "exiting due to model loading error"))

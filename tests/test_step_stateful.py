@@ -7,6 +7,7 @@ from __future__ import annotations
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from gguf_router.policy import DeviceLimit
 from gguf_router.scheduling import effects as fx
 from gguf_router.scheduling import inputs as ev
 from gguf_router.scheduling.records import HOLDS_SLOT, Phase, Why
@@ -16,15 +17,22 @@ from scripted import Script, spec
 P = Phase
 MODELS = ("a", "b", "c", "d")
 SIZES = {"a": 100, "b": 300, "c": 500, "d": 100}
+# With devices: a and d on gpu0 only, b on either, c on rpc (one model at a time) only.
+PLACES = {"a": {"gpu0": 200 << 20}, "b": {"gpu0": 300 << 20, "rpc": 300 << 20}, "c": {"rpc": 400 << 20},
+          "d": {"gpu0": 100 << 20}}
+DEVICES = {"gpu0": DeviceLimit(500 << 20), "rpc": DeviceLimit(600 << 20, exclusive=True)}
 model = st.sampled_from(MODELS)
 
 
 class Fleet(RuleBasedStateMachine):
     @initialize(models_max=st.integers(0, 3), budget=st.sampled_from([None, 700, 1000]),
-                queue_max=st.sampled_from([3, 256]), pinned=st.booleans())
-    def start(self, models_max, budget, queue_max, pinned):
-        specs = [spec(m, SIZES[m], pinned=pinned and m == "d", ttl=20.0 if m == "c" else 0.0) for m in MODELS]
-        self.s = Script(*specs, models_max=models_max, budget_mib=budget, queue_max=queue_max)
+                queue_max=st.sampled_from([3, 256]), pinned=st.booleans(), devices=st.booleans())
+    def start(self, models_max, budget, queue_max, pinned, devices):
+        self.places = PLACES if devices else {}
+        specs = [spec(m, SIZES[m], pinned=pinned and m == "d", ttl=20.0 if m == "c" else 0.0,
+                      places=self.places.get(m, {})) for m in MODELS]
+        self.s = Script(*specs, models_max=models_max, budget_mib=budget, queue_max=queue_max,
+                        devices=DEVICES if devices else None)
         self.waiting: dict[int, str] = {}  # tickets waiting, and for which model
         self.served: list[str] = []  # a model per request in flight
         self.versions = dict.fromkeys(MODELS, 1)
@@ -112,7 +120,8 @@ class Fleet(RuleBasedStateMachine):
             self.gone.add(model_id)
         else:
             self.gone.discard(model_id)
-        specs = {m: spec(m, SIZES[m], self.versions[m]) for m in MODELS if m not in self.gone}
+        specs = {m: spec(m, SIZES[m], self.versions[m], places=self.places.get(m, {})) for m in MODELS
+                 if m not in self.gone}
         self.send(ev.Configure(specs, self.s.limits, self.s.queue_max))
 
     @invariant()

@@ -39,6 +39,8 @@ def memory_status(model: ModelView) -> dict:
     if model.config.projections:
         # What it would take on each device it may run on (llama-fit-params' projection, or ours).
         status["memory_estimate"]["devices"] = {d: p.as_json() for d, p in model.config.projections.items()}
+    if record.spec.device_floor:
+        status["device_floor_bytes"] = record.spec.device_floor  # learned from a load out of device memory
     if model.holds_slot and record.device is not None:
         status.update(device=record.device, device_counted_bytes=record.on_device)
     if record.spec.floor:

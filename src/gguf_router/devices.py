@@ -117,6 +117,15 @@ def _device(device_id: str, name: str, description: str, total: int, free: int, 
     return Device(device_id, name, description, total, free, budget, rpc)
 
 
+# What llama.cpp logs (at ERROR, so at any verbosity) when a device has no memory for a load.
+OUT_OF_MEMORY = ("cudaMalloc failed", "unable to allocate", "failed to allocate buffer for kv cache",
+                 "failed to allocate compute", "ErrorOutOfDeviceMemory", "out of device memory")
+
+
+def out_of_device_memory(log_tail: tuple[str, ...]) -> bool:
+    return any(marker.lower() in line.lower() for line in log_tail for marker in OUT_OF_MEMORY)
+
+
 def device_line(device: Device) -> str:
     """One line for the log and check-config."""
     state = "" if device.answered else "; did not answer (busy or down), figures from before"

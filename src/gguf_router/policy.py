@@ -177,7 +177,10 @@ def admit(queue: Sequence[Waiting], running: Iterable[Running], limits: Limits, 
     """Which queue entries start now (and on which device), which idle models to stop and which
     busy ones to drain for the ones that must wait. An entry that may run on several devices
     starts on the one with the most room left; one that must wait plans for the device that needs
-    the fewest models stopped (idle ones before busy ones)."""
+    the fewest models stopped (idle ones before busy ones). An entry behind a waiting one starts
+    only if those ahead wait for their devices alone (not for slots or host memory), it runs on
+    none of those devices, and it fits beside what they are promised: a model waiting for a busy
+    GPU0 does not hold back one for an empty GPU1, and is not starved by it."""
     running = list(running)
     decision = Decision()
     held = _Held.of(running)
@@ -190,10 +193,19 @@ def admit(queue: Sequence[Waiting], running: Iterable[Running], limits: Limits, 
          and now - r.loaded_at >= resident_for(r)), key=lambda r: r.loaded_at)
     pinned = [r for r in running if r.pinned]
     waiting_ahead = False
+    waited_for: set[str] = set()  # devices an entry ahead may run on
+    overall_wait = False  # an entry ahead waits for slots or host memory
+    promised = 0  # host bytes of entries ahead not in `later` yet (their room is not free yet)
+    promised_slots = 0
     for entry in queue:
         places = list(entry.places.items()) or [(None, 0)]
-        if not waiting_ahead and entry.startable:
+        passing = waiting_ahead and not overall_wait and bool(entry.places)
+        if entry.startable and (not waiting_ahead or passing):
             fitting = [(d, b) for d, b in places if held.fits(entry.bytes, d, b, limits)]
+            if passing:
+                beside = later.copy()
+                beside.slots, beside.host = beside.slots + promised_slots, beside.host + promised
+                fitting = [(d, b) for d, b in fitting if d not in waited_for and beside.fits(entry.bytes, d, b, limits)]
             if fitting:
                 device, device_bytes = max(fitting, key=lambda place: held.room_left(place[0], limits) - place[1])
                 decision.start.append(entry.id)
@@ -203,6 +215,8 @@ def admit(queue: Sequence[Waiting], running: Iterable[Running], limits: Limits, 
                 later.add(entry.bytes, device, device_bytes)
                 continue
         waiting_ahead = True
+        waited_for.update(entry.places)
+        overall_wait = overall_wait or all(held.lacks(entry.bytes, d, b, limits)[0] for d, b in places)
         # Not on a device that could never take it (pinned models there, or too small): it would
         # stop models there for nothing.
         possible = [(d, b) for d, b in places if d is None or device_short({d: b}, pinned, limits) is None]
@@ -222,6 +236,8 @@ def admit(queue: Sequence[Waiting], running: Iterable[Running], limits: Limits, 
         if plan.fits:
             # Its place is kept for when those stops are done; the entries behind it plan around it.
             later.add(entry.bytes, plan.device, plan.device_bytes)
+        else:
+            promised, promised_slots = promised + entry.bytes, promised_slots + 1
     return decision
 
 

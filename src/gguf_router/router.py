@@ -7,6 +7,7 @@ import logging
 import sqlite3
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -67,10 +68,11 @@ def find_devices(settings: Settings, known: dict[str, Device], held: set[str]) -
     """Blocking: the devices of the configured llama-server and --rpc endpoints. One a child
     holds is not asked (an RPC server would keep the question waiting): what was known stands."""
     from .sizes import parse_size
-    budgets = parse_budgets(settings.device_budget)
+    budgets, reserve = parse_budgets(settings.device_budget), parse_size(settings.device_reserve, total=1)
     asked = tuple(endpoint for endpoint in settings.rpc if endpoint not in held)
-    devices = discover(settings.llama_server, asked, parse_size(settings.device_reserve, total=1), budgets, known)
-    devices.update({d: known[d] for d in held if d in known and d in settings.rpc})
+    devices = discover(settings.llama_server, asked, reserve, budgets, known)
+    devices.update({d: replace(known[d], budget=budgets.get(d, max(known[d].total - reserve, 0)))
+                    for d in held if d in known and d in settings.rpc})
     devices = {d: devices[d] for d in [*(d for d in devices if d not in settings.rpc), *settings.rpc] if d in devices}
     unknown = [d for d in budgets if d not in devices and not any(x.name == d for x in devices.values() if not x.rpc)]
     if unknown:

@@ -123,7 +123,7 @@ class Change:
         if policy.never_fits(rec.counted, held, budget):
             self.refused["never_fits"] += 1
             return Refusal(Why.NEVER_FITS, rec.id, figures={"need": rec.counted, "pinned": held, "budget": budget})
-        short = policy.device_short(rec.spec.places, [r for r in self.running() if r.pinned and r.id != rec.id],
+        short = policy.device_short(rec.places, [r for r in self.running() if r.pinned and r.id != rec.id],
                                     self.limits)
         if short is None:
             return None
@@ -168,6 +168,13 @@ class Change:
         self.effects.append(fx.SaveFloor(rec.id, rec.spec.argv, floor))
         self.log(logging.WARNING, f"model {rec.id}: killed for memory at {peak} bytes; counted at {floor} bytes from now on")
         return self.put(rec, spec=replace(rec.spec, floor=floor))
+
+    def out_of_device_memory(self, rec: ModelRecord) -> ModelRecord:
+        """Its next start counts it on any device at what it was admitted at plus a margin."""
+        floor = floor_after(rec.on_device, rec.spec.device_floor)
+        self.log(logging.WARNING, f"model {rec.id}: out of device memory on {rec.device}; counted at {floor} bytes on "
+                                  "a device from now on")
+        return self.put(rec, spec=replace(rec.spec, device_floor=floor))
 
     def ended(self, rec: ModelRecord, exit: Exit) -> None:
         """A child is gone: its model is unloaded, queued again for its waiters, or forgotten."""
@@ -232,7 +239,7 @@ class Change:
         if self.closing or not (self.queue or self.old.queue):
             return
         running = self.running()
-        entries = [policy.Waiting(m.id, m.counted, m.phase is P.QUEUED, m.spec.places)
+        entries = [policy.Waiting(m.id, m.counted, m.phase is P.QUEUED, m.places)
                    for m in map(self.models.get, self.queue)]
         decision = policy.admit(entries, running, self.limits, self.now)
         for model_id in decision.start:
@@ -241,7 +248,7 @@ class Change:
             device = decision.placed.get(model_id)
             self.move(rec, P.LOADING, f"on device {device}" if device else "", held=False, stale=False,
                       generation=rec.generation + 1, started_at=self.now, killed_for=None, device=device,
-                      device_bytes=rec.spec.places.get(device, 0) if device else 0)
+                      device_bytes=rec.places.get(device, 0) if device else 0)
             self.effects.append(fx.Start(model_id, rec.generation + 1, device))
         for model_id in decision.stop:
             self.stop(self.models[model_id], Cause.EVICTED)

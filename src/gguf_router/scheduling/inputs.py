@@ -89,6 +89,7 @@ class LaunchFailed:
     peak: int | None = None
     log_tail: tuple[str, ...] = ()
     reason: str = "failed to start"  # in short, for its status: why the start failed
+    device_oom: bool = False  # its log says a device had no memory for it (devices.out_of_device_memory)
 
 
 @dataclass(frozen=True)

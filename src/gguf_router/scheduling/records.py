@@ -97,6 +97,7 @@ class ModelSpec:
     unusable: str | None = None  # why its file cannot be loaded
     # The devices it may run on, with the bytes it takes on each; empty: it runs on the host alone.
     places: Mapping[str, int] = field(default_factory=dict)
+    device_floor: int = 0  # bytes a load that ran out of device memory showed it needs on one at least
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,11 @@ class ModelRecord:
         """The memory it is taken to need: its estimate, or more if it needed more before (a floor
         learned from an out-of-memory kill) or is seen using more now."""
         return max(self.spec.estimate, self.spec.floor, self.peak if self.phase in HOLDS_SLOT else 0)
+
+    @property
+    def places(self) -> dict[str, int]:
+        """Where it may run, each device with what it is counted at there (at least its floor)."""
+        return {d: max(b, self.spec.device_floor) for d, b in self.spec.places.items()}
 
     @property
     def on_device(self) -> int:

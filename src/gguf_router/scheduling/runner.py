@@ -20,6 +20,7 @@ from typing import Callable
 
 from .. import policy
 from ..catalog import ModelConfig
+from ..devices import out_of_device_memory
 from ..events import Events
 from ..launchers import Child, LaunchError, Launcher, LaunchSpec, answers_health
 from ..memory import memory_limits
@@ -337,7 +338,7 @@ class Scheduler:
             self._loaded(model_id)
             self._gone(model_id)
             self.send(ev.LaunchFailed(model_id, generation, str(exc), exc.exit_code, exc.oom, exc.peak, exc.log_tail,
-                                      exc.reason))
+                                      exc.reason, out_of_device_memory(exc.log_tail)))
             return
         self._loaded(model_id)
         await self._serve(model_id, generation, child, self.clock() - started)

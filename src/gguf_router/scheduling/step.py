@@ -69,7 +69,8 @@ def _configure(c: Change, e: ev.Configure) -> None:
             c.effects.append(fx.Publish("model_add", model_id))  # a file just found: lists refresh at once
             continue
         changed = spec.version != rec.spec.version
-        rec = c.put(rec, spec=replace(spec, floor=max(spec.floor, rec.spec.floor) if not changed else spec.floor))
+        rec = c.put(rec, spec=replace(spec, floor=max(spec.floor, rec.spec.floor) if not changed else spec.floor,
+                                      device_floor=rec.spec.device_floor if not changed else spec.device_floor))
         if rec.removed:  # it came back
             rec = c.put(rec, removed=False)
             if rec.phase is P.DRAINING and rec.cause is Cause.RETIRED:
@@ -255,9 +256,13 @@ def _launch_failed(c: Change, e: ev.LaunchFailed) -> None:
         return
     if e.oom:
         rec = c.out_of_memory(rec, e.peak)
-    exit = Exit(e.code, f"{e.oom} while loading" if e.oom else e.reason, True, e.log_tail)
+    reason = f"{e.oom} while loading" if e.oom else e.reason
+    if e.device_oom and rec.device is not None:
+        rec = c.out_of_device_memory(rec)
+        reason = f"out of device memory on {rec.device} while loading"
+    exit = Exit(e.code, reason, True, e.log_tail)
     rec = c.settle(c.put(rec, last_exit=exit, held=False, stale=False), Why.LOAD_FAILED,
-                   e.message + last_line(e.log_tail))
+                   (f"{reason}: " if e.device_oom and rec.device else "") + e.message + last_line(e.log_tail))
     rec = c.move(rec, P.UNLOADED, f"{exit.reason}, exit code {exit.code}")
     if rec.removed:
         c.forget(rec)
