@@ -262,6 +262,9 @@ def test_fit_params_is_asked_with_what_changes_memory_and_its_slots_as_the_serve
     assert argv[argv.index("--ctx-size") + 1] == "4096" and "--swa-full" in argv
     assert argv[argv.index("--parallel") + 1] == "4"  # split slots; a unified cache is one slot of the whole context
     assert "--parallel" not in projection.fit_argv(Path("f"), Path("m"), {"c": "4096"}, device)
+    switched = projection.fit_argv(Path("f"), Path("m"), {"swa-full": "false", "kvo": "false", "kv-offload": "false"},
+                                   device)
+    assert "--swa-full" not in switched and "--no-kv-offload" in switched  # flags as the child has them
     assert argv[-8:] == ["--rpc", "127.0.0.1:50052", "--device", "RPC0", "--fit", "off", "--fit-print", "on"]
     assert projection.parse_print("RPC0 92 45 102 \nHost 28 0 6 \n") == {"RPC0": (92 * MiB, 45 * MiB, 102 * MiB),
                                                                         "Host": (28 * MiB, 0, 6 * MiB)}

@@ -44,11 +44,12 @@ RETRY_AFTER = 60.0  # seconds before a device that did not answer is asked again
 # The child's options that change what it allocates, as llama-fit-params takes them; the others
 # (sampling, the server's own) change nothing it projects, and many it would refuse.
 PROJECTED = {"c": "--ctx-size", "b": "--batch-size", "ub": "--ubatch-size", "ctk": "--cache-type-k",
-             "ctv": "--cache-type-v", "fa": "--flash-attn", "swa-full": "--swa-full", "nkvo": "--no-kv-offload",
-             "ts": "--tensor-split", "sm": "--split-mode", "mg": "--main-gpu", "ot": "--override-tensor",
-             "cmoe": "--cpu-moe", "ncmoe": "--n-cpu-moe", "ngl": "--n-gpu-layers"}
-FLAGS = frozenset({"swa-full", "nkvo", "cmoe"})  # these take no value
-EXTRA_FILES = ("mmproj", "md", "model-draft")  # loaded beside the model, on its device by default
+             "ctv": "--cache-type-v", "fa": "--flash-attn", "ts": "--tensor-split", "sm": "--split-mode",
+             "mg": "--main-gpu", "ot": "--override-tensor", "ncmoe": "--n-cpu-moe", "ngl": "--n-gpu-layers"}
+# Flags, by their positive names as the child's options give them ("true" or "false"): what to
+# pass when on, and when off.
+SWITCHES = {("swa-full", "swa-full"): ("--swa-full", None), ("cmoe", "cpu-moe"): ("--cpu-moe", None),
+            ("kvo", "kv-offload"): (None, "--no-kv-offload")}
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Projection:
     model: int  # bytes of weights on the device
     context: int  # KV cache (and recurrent state) on the device
     compute: int  # compute buffer on the device
-    extra: int  # mmproj and draft model, counted on the device
+    extra: int  # mmproj, draft model and LoRA adapters (memory.py's `extra`), counted on the device
     host: int  # what the projection puts on the host (weights not offloaded, host compute)
     host_model: int  # of that, weights: the layers not offloaded, and the token embeddings, always
     source: str  # "llama-fit-params", or "estimate" when ours stands in
@@ -81,9 +82,12 @@ def fit_argv(fit_params: Path, model: Path, options: Mapping[str, str], device: 
     for short, flag in PROJECTED.items():
         long = flag.lstrip("-")
         value = options.get(short, options.get(long))
-        if value is None:
-            continue
-        argv += [flag] if short in FLAGS else [flag, value]
+        if value is not None:
+            argv += [flag, value]
+    for (short, long), flags in SWITCHES.items():
+        value = options.get(short, options.get(long))
+        if value is not None and (flag := flags[value != "true"]):
+            argv.append(flag)
     # Split slots as the server has them; a unified cache as one slot of the whole context.
     n_slots, unified = slots(options)
     if n_slots > 1 and not unified:
@@ -101,21 +105,10 @@ def parse_print(text: str) -> dict[str, tuple[int, int, int]]:
     return found
 
 
-def _extra(options: Mapping[str, str]) -> int:
-    total = 0
-    for name in EXTRA_FILES:
-        for path in filter(None, options.get(name, "").split(",")):
-            try:
-                total += Path(path).stat().st_size
-            except OSError:
-                pass
-    return total
-
-
-def own_split(device: Device, memory: MemoryEstimate, options: Mapping[str, str], why: str) -> Projection:
+def own_split(device: Device, memory: MemoryEstimate, why: str) -> Projection:
     """memory.py's estimate split the way -ngl places it (the weights evenly by layer)."""
     return Projection(device.id, memory.device_weights, memory.device - memory.device_weights, memory.compute,
-                      _extra(options), memory.host, memory.weights - memory.device_weights, "estimate", why)
+                      memory.extra, memory.host, memory.weights - memory.device_weights, "estimate", why)
 
 
 # libllama's load lines (at -lv 4): `load_tensors: RPC0[127.0.0.1:50052] model buffer size = 92.10 MiB`.
@@ -152,7 +145,7 @@ def project(fit_params: Path, model: Path, options: Mapping[str, str], device: D
     if cached is not None and (cached[1].source != "estimate" or time.monotonic() < cached[0] or not ask):
         return cached[1]
     if not ask:
-        return own_split(device, memory, options, "the device was busy with another model when it was projected")
+        return own_split(device, memory, "the device was busy with another model when it was projected")
     projection = _ask(argv, device, memory, options, timeout)
     with _lock:
         _cache[key] = (time.monotonic() + RETRY_AFTER, projection)
@@ -162,24 +155,24 @@ def project(fit_params: Path, model: Path, options: Mapping[str, str], device: D
 def _ask(argv: list[str], device: Device, memory: MemoryEstimate, options: Mapping[str, str],
          timeout: float) -> Projection:
     if not Path(argv[0]).is_file():
-        return own_split(device, memory, options, f"{Path(argv[0]).name} is not built beside llama-server")
+        return own_split(device, memory, f"{Path(argv[0]).name} is not built beside llama-server")
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         log.warning("device %s: llama-fit-params did not answer within %g s (the device is busy); "
                     "the router's own estimate stands in", device.id, timeout)
-        return own_split(device, memory, options, "llama-fit-params did not answer (the device was busy)")
+        return own_split(device, memory, "llama-fit-params did not answer (the device was busy)")
     except OSError as exc:
-        return own_split(device, memory, options, f"llama-fit-params cannot run: {exc}")
+        return own_split(device, memory, f"llama-fit-params cannot run: {exc}")
     rows = parse_print(done.stdout)
     if done.returncode != 0 or device.name not in rows or "Host" not in rows:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         log.warning("device %s: llama-fit-params failed (exit code %s: %s); the router's own estimate stands in",
                     device.id, done.returncode, last[:200])
-        return own_split(device, memory, options, f"llama-fit-params failed: {last[:200]}")
+        return own_split(device, memory, f"llama-fit-params failed: {last[:200]}")
     model_bytes, context, _ = rows[device.name]
     n_slots, unified = slots(options)
     if n_slots > 1 and unified:
         context = memory.device - memory.device_weights
-    return Projection(device.id, model_bytes, context, memory.compute, _extra(options), sum(rows["Host"]),
+    return Projection(device.id, model_bytes, context, memory.compute, memory.extra, sum(rows["Host"]),
                       rows["Host"][0], "llama-fit-params")
