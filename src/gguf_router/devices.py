@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -89,23 +89,29 @@ def _ask(llama_server: Path, rpc: str | None, timeout: float) -> str | None:
 
 
 def discover(llama_server: Path, rpc: tuple[str, ...], reserve: int, budgets: Mapping[str, int],
-             known: Mapping[str, Device] | None = None, timeout: float = ASK_TIMEOUT) -> dict[str, Device]:
+             known: Mapping[str, Device] | None = None, held: frozenset[str] = frozenset(),
+             timeout: float = ASK_TIMEOUT) -> dict[str, Device]:
     """Blocking. Every device by its id: the local ones, then each RPC endpoint asked alone (all at
-    once). `known`: the devices from before, kept for those that do not answer now."""
+    once), but those in `held` (a child holds them: the question would wait). `known`: the
+    devices from before, whose figures stand for those not asked or not answering now."""
     known = known or {}
-    with ThreadPoolExecutor(max_workers=1 + len(rpc)) as pool:
-        answers = list(pool.map(lambda endpoint: _ask(llama_server, endpoint, timeout), (None, *rpc)))
+    asked = [endpoint for endpoint in rpc if endpoint not in held]
+    with ThreadPoolExecutor(max_workers=1 + len(asked)) as pool:
+        answers = dict(zip((None, *asked), pool.map(lambda endpoint: _ask(llama_server, endpoint, timeout),
+                                                    (None, *asked))))
     devices: dict[str, Device] = {}
-    for name, description, total, free in parse_list(answers[0] or ""):
+    for name, description, total, free in parse_list(answers[None] or ""):
         if not name.startswith("RPC"):
             devices[name] = _device(name, name, description, total, free, False, reserve, budgets)
-    for endpoint, answer in zip(rpc, answers[1:]):
-        listed = [line for line in parse_list(answer or "") if line[1] == endpoint]
+    for endpoint in rpc:
+        listed = [line for line in parse_list(answers.get(endpoint) or "") if line[1] == endpoint]
         if listed:
             name, description, total, free = listed[0]
             devices[endpoint] = _device(endpoint, "RPC0", description, total, free, True, reserve, budgets)
-        elif endpoint in known:
-            devices[endpoint] = Device(**{**known[endpoint].__dict__, "answered": False})
+        elif endpoint in known:  # its budget as the settings say now
+            was = known[endpoint]
+            devices[endpoint] = replace(_device(endpoint, was.name, was.description, was.total, was.free, True,
+                                                reserve, budgets), answered=endpoint in held and was.answered)
         else:  # never seen: no room on it until it answers
             devices[endpoint] = Device(endpoint, "RPC0", endpoint, 0, 0, budgets.get(endpoint, 0), True, False)
     return devices

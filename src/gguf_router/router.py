@@ -7,7 +7,6 @@ import logging
 import sqlite3
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -64,16 +63,13 @@ def scheduling_limits(settings: Settings, devices: dict[str, Device]) -> Limits:
                   {d.id: DeviceLimit(d.budget, d.exclusive) for d in devices.values()})
 
 
-def find_devices(settings: Settings, known: dict[str, Device], held: set[str]) -> dict[str, Device]:
+def find_devices(settings: Settings, known: dict[str, Device], held: frozenset[str]) -> dict[str, Device]:
     """Blocking: the devices of the configured llama-server and --rpc endpoints. One a child
     holds is not asked (an RPC server would keep the question waiting): what was known stands."""
     from .sizes import parse_size
-    budgets, reserve = parse_budgets(settings.device_budget), parse_size(settings.device_reserve, total=1)
-    asked = tuple(endpoint for endpoint in settings.rpc if endpoint not in held)
-    devices = discover(settings.llama_server, asked, reserve, budgets, known)
-    devices.update({d: replace(known[d], budget=budgets.get(d, max(known[d].total - reserve, 0)))
-                    for d in held if d in known and d in settings.rpc})
-    devices = {d: devices[d] for d in [*(d for d in devices if d not in settings.rpc), *settings.rpc] if d in devices}
+    budgets = parse_budgets(settings.device_budget)
+    devices = discover(settings.llama_server, settings.rpc, parse_size(settings.device_reserve, total=1), budgets,
+                       known, held)
     unknown = [d for d in budgets if d not in devices and not any(x.name == d for x in devices.values() if not x.rpc)]
     if unknown:
         raise ConfigError("device-budget", f"no device {unknown[0]!r}: the devices are "
