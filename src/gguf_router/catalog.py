@@ -117,15 +117,13 @@ def _option_names(section: Section) -> dict[str, str]:
     return {name.lstrip("-"): value for option, value, _ in section.options.values() for name in option.names}
 
 
-def _memory(file: ModelFile, section: Section, gpu: bool, cache_ram: bool,
-            assumed: dict[str, str]) -> tuple[MemoryEstimate | None, list[str]]:
+def _memory(file: ModelFile, options: dict[str, str], gpu: bool,
+            cache_ram: bool) -> tuple[MemoryEstimate | None, list[str]]:
     """The estimate, and the options the router adds to bound what it does not count
-    (`cache_ram`: whether this llama-server has the option; `assumed`: options taken as set)."""
+    (`options`: the child's, by every name, as the estimate reads them; `cache_ram`: whether this
+    llama-server has the option)."""
     if file.info is None:
         return None, []
-    options = {**assumed, **_option_names(section)}
-    if file.mmproj and "mmproj" not in options:
-        options["mmproj"] = str(file.mmproj)
     memory = estimate(file.info, options, file.info.tensor_bytes + shard_bytes(file.path, file.info.split_count), gpu)
     if "cache-ram" in options or not cache_ram:
         return memory, []
@@ -231,16 +229,14 @@ def build(settings: Settings, discovery: Discovery, presets: Presets, cli: Secti
         # A preset's own --rpc runs on its own devices, outside the router's budgets.
         candidates = (_placement(model_id, file, effective, table, devices)
                       if devices and "--rpc" not in effective.options else [])
-        # With fit = on, llama-server decides the layers: all of them are counted on the device.
-        memory, added = _memory(file, effective, gpu or bool(candidates), cache_ram,
-                                {"ngl": "999"} if candidates and "--n-gpu-layers" not in effective.options else {})
         names = _option_names(effective)
+        if file.mmproj and "mmproj" not in names:
+            names["mmproj"] = str(file.mmproj)
+        if candidates and "ngl" not in names:
+            names["ngl"] = "999"  # fit = on: llama-server decides the layers; all are counted on the device
+        memory, added = _memory(file, names, gpu or bool(candidates), cache_ram)
         projections = {}
         if memory is not None:
-            if file.mmproj and "mmproj" not in names:
-                names["mmproj"] = str(file.mmproj)
-            if candidates and "ngl" not in names:
-                names["ngl"] = "999"  # fit = on: projected with every layer on the device
             projections = {d: project(fit_params, file.path, names, devices[d], memory, d not in busy)
                            for d in candidates}
             measured = next((p for p in projections.values() if p.source == "llama-fit-params"), None)
